@@ -337,3 +337,5 @@ require (
 	kernel.org/pub/linux/libs/security/libcap/psx v1.2.71 // indirect
 	oss.indeed.com/go/libtime v1.6.0 // indirect
 )
+
+tool github.com/cilium/ebpf/cmd/bpf2go

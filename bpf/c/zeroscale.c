@@ -1,0 +1,1007 @@
+//go:build ignore
+
+// zeroscale data plane:
+//   zs_gate        XDP gate keyed on (local addr, port, proto) of Consul services
+//   zs_sock_state  tp_btf/inet_sock_set_state: per-service activity and listen events
+//   zs_replay      XDP program run through BPF_PROG_RUN (live frames) to re-inject
+//                  a captured SYN once the service listens
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#include "kernel.h"
+
+char __license[] SEC("license") = "Dual MPL/GPL";
+
+#define GATE_OPEN 1
+#define GATE_PARKED 2
+#define GATE_MOVED 3
+
+#define EVENT_WAKE 1
+#define EVENT_CAPTURE 2
+#define EVENT_LISTEN 4
+
+#define CFG_WAKE_FROM 1
+#define CFG_CAPTURE 2
+
+#define CAPTURE_BYTES 128
+#define MAX_VLAN 2
+#define MAX_V6_EXT 6
+#define DEFAULT_REPORT_INTERVAL_NS 100000000ULL
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+// TCP states (include/net/tcp_states.h is not uapi).
+#define ST_ESTABLISHED 1
+#define ST_SYN_SENT 2
+#define ST_SYN_RECV 3
+#define ST_CLOSE 7
+#define ST_LISTEN 10
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+#ifndef IP_MF
+#define IP_MF 0x2000
+#endif
+#ifndef IP_OFFSET
+#define IP_OFFSET 0x1FFF
+#endif
+
+// Addresses are 16 bytes; IPv4 is stored v4-mapped (::ffff:a.b.c.d).
+struct gate_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+// Written by userspace (state) and the kernel (report stamp, capture count).
+struct gate_policy {
+	__u32 state;
+	__u32 captured;
+	__u64 last_report_ns;
+};
+
+// Per-CPU, written only by the gate.
+struct gate_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 last_seen_ns;
+	__u64 syns_dropped;
+	__u64 reports;
+	__u64 rsts;
+	__u64 denied;
+	__u64 captured;
+};
+
+// Socket-level activity of one service address, updated with atomics.
+struct sock_activity {
+	__s64 established;
+	__u64 opened;
+	__u64 closed;
+	__u64 checks;
+	__u64 bytes;
+	__u64 last_active_ns;
+	__u64 last_check_ns;
+};
+
+struct gate_config {
+	__u64 report_interval_ns;
+	__u64 syn_max_age_ns;
+	__u32 flags;
+	__u32 max_capture;
+	__u32 netns_inum;
+	__u32 pad;
+};
+
+struct lpm_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+// One client connection attempt as the server sees it.
+struct flow_key {
+	struct gate_key dst;
+	__u8 saddr[16];
+	__be16 sport;
+	__u16 pad;
+};
+
+struct syn_flow {
+	__u64 first_ns;
+	__u32 passed;
+	__u32 pad;
+};
+
+struct event {
+	__u32 kind;
+	__u32 ifindex;
+	__u64 ts_ns;
+	struct gate_key key;
+	__u8 saddr[16];
+	__be16 sport;
+	__u16 pad;
+	__u32 frame_len;
+	__u32 cap_len;
+	__u8 frame[CAPTURE_BYTES];
+};
+
+// Referenced so that bpf2go emits a Go type for ring buffer records.
+const struct event *unused_event __attribute__((unused));
+
+enum counter {
+	C_PACKETS,
+	C_NOT_TCP,
+	C_MALFORMED,
+	C_FRAGMENT,
+	C_MISS,
+	C_OPEN,
+	C_PARKED_DROP,
+	C_PARKED_PASS,
+	C_REPORTED,
+	C_SUPPRESSED,
+	C_DENIED,
+	C_CAPTURED,
+	C_CAPTURE_LIMIT,
+	C_RINGBUF_FULL,
+	C_RST_SENT,
+	C_RST_FAILED,
+	C_MOVED_PASS,
+	C_LISTEN_EVENTS,
+	C_CHECK_CONNS,
+	C_COUNTED_CONNS,
+	C_REPLAY_PASSED,
+	C_REPLAY_NO_LISTENER,
+	C_REPLAY_CONNECTED,
+	C_REPLAY_UNPARSEABLE,
+	C_MAX,
+};
+
+enum replay_result {
+	REPLAY_NONE,
+	REPLAY_PASSED,
+	REPLAY_NO_LISTENER,
+	REPLAY_CONNECTED,
+	REPLAY_UNPARSEABLE,
+};
+
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct gate_key);
+	__type(value, struct gate_policy);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct gate_key);
+	__type(value, struct gate_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct gate_key);
+	__type(value, struct sock_activity);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} activity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct gate_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} wake_from SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ignore_sources SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, char[16]);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} checker_comms SEC(".maps");
+
+// Sockets opened by a checker process, until they are connected.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} checker_socks SEC(".maps");
+
+// Connections made by checker processes, keyed as the server sees them.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct flow_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} checker_flows SEC(".maps");
+
+// Server sockets counted in `activity`, so each is uncounted exactly once.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct gate_key);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} counted_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct syn_flow);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} syn_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u16);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} listen_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, C_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} replay_result SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline struct gate_config *get_config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&config, &zero);
+}
+
+static __always_inline void map_v4(__u8 *dst, __be32 addr)
+{
+	__builtin_memset(dst, 0, 10);
+	dst[10] = 0xff;
+	dst[11] = 0xff;
+	__builtin_memcpy(dst + 12, &addr, 4);
+}
+
+static __always_inline int is_v4_mapped(const __u8 *a)
+{
+	__u64 lo;
+	__u32 mid;
+	__builtin_memcpy(&lo, a, 8);
+	__builtin_memcpy(&mid, a + 8, 4);
+	return lo == 0 && mid == bpf_htonl(0x0000ffff);
+}
+
+/* ---------------------------------------------------------------- parsing */
+
+enum parse_result {
+	PARSE_OK,
+	PARSE_NOT_TCP,
+	PARSE_MALFORMED,
+	PARSE_FRAGMENT,
+};
+
+struct vlan_hdr {
+	__be16 tci;
+	__be16 encap_proto;
+};
+
+struct pkt {
+	struct gate_key key; // destination: the local service address
+	__u8 saddr[16];
+	__be16 sport;
+	__u8 flags;
+	__u8 is_v6;
+	__u32 l2_len;
+	__u32 seq;
+	__u32 payload_len;
+	struct tcphdr *tcp;
+};
+
+// parse reads Ethernet (with up to two VLAN tags), IPv4 or IPv6 (with
+// extension headers) and TCP. Anything else is reported as not understood and
+// the caller passes it; nothing is read past data_end.
+static __always_inline int parse(void *data, void *data_end, struct pkt *p)
+{
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return PARSE_MALFORMED;
+
+	__be16 proto = eth->h_proto;
+	void *cur = eth + 1;
+
+#pragma unroll
+	for (int i = 0; i < MAX_VLAN; i++) {
+		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+			break;
+		struct vlan_hdr *vh = cur;
+		if ((void *)(vh + 1) > data_end)
+			return PARSE_MALFORMED;
+		proto = vh->encap_proto;
+		cur = vh + 1;
+	}
+	p->l2_len = cur - data;
+
+	struct tcphdr *tcp;
+	__u32 l4_room; // bytes from the TCP header to the end of the IP payload
+
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = cur;
+		if ((void *)(ip + 1) > data_end)
+			return PARSE_MALFORMED;
+		if (ip->version != 4 || ip->ihl < 5)
+			return PARSE_MALFORMED;
+		if (ip->protocol != IPPROTO_TCP)
+			return PARSE_NOT_TCP;
+		if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+			return PARSE_FRAGMENT;
+		__u32 ihl = ip->ihl * 4;
+		__u32 tot = bpf_ntohs(ip->tot_len);
+		if (tot < ihl + sizeof(struct tcphdr))
+			return PARSE_MALFORMED;
+		// A frame shorter than its IP length is truncated: not ours to read.
+		if (cur + tot > data_end)
+			return PARSE_MALFORMED;
+		tcp = cur + ihl;
+		if ((void *)(tcp + 1) > data_end)
+			return PARSE_MALFORMED;
+		l4_room = tot - ihl;
+		map_v4(p->key.addr, ip->daddr);
+		map_v4(p->saddr, ip->saddr);
+		p->is_v6 = 0;
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = cur;
+		if ((void *)(ip6 + 1) > data_end)
+			return PARSE_MALFORMED;
+		if (ip6->version != 6)
+			return PARSE_MALFORMED;
+		if ((void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len) > data_end)
+			return PARSE_MALFORMED;
+		__u8 nh = ip6->nexthdr;
+		void *h = ip6 + 1;
+		__u32 ext_len = 0;
+#pragma unroll
+		for (int i = 0; i < MAX_V6_EXT; i++) {
+			if (nh == IPPROTO_TCP)
+				break;
+			if (nh == IPPROTO_FRAGMENT)
+				return PARSE_FRAGMENT;
+			if (nh != IPPROTO_HOPOPTS && nh != IPPROTO_ROUTING && nh != IPPROTO_DSTOPTS &&
+			    nh != IPPROTO_AH)
+				return PARSE_NOT_TCP;
+			__u8 *ext = h;
+			if ((void *)(ext + 8) > data_end)
+				return PARSE_MALFORMED;
+			__u32 len = nh == IPPROTO_AH ? ((__u32)ext[1] + 2) * 4 : ((__u32)ext[1] + 1) * 8;
+			nh = ext[0];
+			h += len;
+			ext_len += len;
+		}
+		if (nh != IPPROTO_TCP)
+			return PARSE_NOT_TCP;
+		tcp = h;
+		if ((void *)(tcp + 1) > data_end)
+			return PARSE_MALFORMED;
+		__u32 plen = bpf_ntohs(ip6->payload_len);
+		if (plen < ext_len + sizeof(struct tcphdr))
+			return PARSE_MALFORMED;
+		l4_room = plen - ext_len;
+		__builtin_memcpy(p->key.addr, &ip6->daddr, 16);
+		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
+		// v4-mapped addresses must not appear on the wire (RFC 4291 2.5.5.2);
+		// they would alias IPv4 keys, so leave such packets to the stack.
+		if (is_v4_mapped(p->key.addr))
+			return PARSE_NOT_TCP;
+		p->is_v6 = 1;
+	} else {
+		return PARSE_NOT_TCP;
+	}
+
+	__u32 doff = tcp->doff * 4;
+	if (doff < sizeof(struct tcphdr) || doff > l4_room)
+		return PARSE_MALFORMED;
+	p->tcp = tcp;
+	p->key.port = tcp->dest;
+	p->key.proto = IPPROTO_TCP;
+	p->key.pad = 0;
+	p->sport = tcp->source;
+	p->flags = ((__u8 *)tcp)[13];
+	p->seq = bpf_ntohl(tcp->seq);
+	p->payload_len = l4_room - doff;
+	return PARSE_OK;
+}
+
+static __always_inline int is_pure_syn(const struct pkt *p)
+{
+	return (p->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN;
+}
+
+static __always_inline void flow_of(struct flow_key *fk, const struct pkt *p)
+{
+	__builtin_memset(fk, 0, sizeof(*fk));
+	fk->dst = p->key;
+	__builtin_memcpy(fk->saddr, p->saddr, 16);
+	fk->sport = p->sport;
+}
+
+/* ---------------------------------------------------------------- checksums */
+
+static __always_inline __u16 csum_fold(__s64 csum)
+{
+	__u32 sum = (__u32)csum;
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+struct pseudo_v4 {
+	__be32 saddr;
+	__be32 daddr;
+	__u8 zero;
+	__u8 proto;
+	__be16 len;
+};
+
+struct pseudo_v6 {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be32 len;
+	__u8 zero[3];
+	__u8 proto;
+};
+
+/* ---------------------------------------------------------------- gate */
+
+static __always_inline void emit_event(struct xdp_md *ctx, __u32 kind, const struct pkt *p, __u64 now)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	struct event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	if (!ev) {
+		count(C_RINGBUF_FULL);
+		return;
+	}
+	ev->kind = kind;
+	ev->ifindex = ctx->ingress_ifindex;
+	ev->ts_ns = now;
+	ev->key = p->key;
+	__builtin_memcpy(ev->saddr, p->saddr, 16);
+	ev->sport = p->sport;
+	ev->pad = 0;
+	ev->frame_len = data_end - data;
+	__u32 n = 0;
+#pragma unroll
+	for (int i = 0; i < CAPTURE_BYTES; i++) {
+		__u8 *b = data + i;
+		if ((void *)(b + 1) > data_end)
+			break;
+		ev->frame[i] = *b;
+		n++;
+	}
+	ev->cap_len = n;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline int parked_syn(struct xdp_md *ctx, const struct pkt *p, struct gate_policy *pol,
+				      struct gate_stats *st, __u64 now)
+{
+	struct gate_config *cfg = get_config();
+
+	if (cfg && (cfg->flags & CFG_WAKE_FROM)) {
+		struct lpm_key lk = {.prefixlen = 128};
+		__builtin_memcpy(lk.addr, p->saddr, 16);
+		if (!bpf_map_lookup_elem(&wake_from, &lk)) {
+			if (st)
+				st->denied++;
+			count(C_DENIED);
+			return XDP_DROP;
+		}
+	}
+
+	if (st)
+		st->syns_dropped++;
+	count(C_PARKED_DROP);
+
+	__u32 kind = 0;
+	__u64 interval = cfg && cfg->report_interval_ns ? cfg->report_interval_ns : DEFAULT_REPORT_INTERVAL_NS;
+	__u64 last = pol->last_report_ns;
+	if (last == 0 || now - last >= interval) {
+		// One CPU wins the stamp, so a burst on all CPUs reports once.
+		if (__sync_val_compare_and_swap(&pol->last_report_ns, last, now) == last)
+			kind |= EVENT_WAKE;
+	}
+	if (kind & EVENT_WAKE) {
+		count(C_REPORTED);
+		if (st)
+			st->reports++;
+	} else {
+		count(C_SUPPRESSED);
+	}
+
+	if (cfg && (cfg->flags & CFG_CAPTURE)) {
+		struct flow_key fk;
+		flow_of(&fk, p);
+		struct syn_flow *seen = bpf_map_lookup_elem(&syn_flows, &fk);
+		if (!seen || now - seen->first_ns > cfg->syn_max_age_ns) {
+			struct syn_flow fresh = {.first_ns = now};
+			if (pol->captured >= cfg->max_capture) {
+				count(C_CAPTURE_LIMIT);
+			} else if (bpf_map_update_elem(&syn_flows, &fk, &fresh, BPF_ANY) == 0) {
+				__sync_fetch_and_add(&pol->captured, 1);
+				kind |= EVENT_CAPTURE;
+				count(C_CAPTURED);
+				if (st)
+					st->captured++;
+			}
+		}
+	}
+
+	if (kind)
+		emit_event(ctx, kind, p, now);
+	return XDP_DROP;
+}
+
+// send_rst turns a SYN to an address whose service woke elsewhere into a RST
+// back to the client (RFC 9293 3.10.7.1: no ACK in the SYN, so seq 0 and
+// ack = seq + segment length), so it fails fast and re-resolves.
+static __always_inline int send_rst(struct xdp_md *ctx, const struct pkt *p, struct gate_stats *st)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
+	__builtin_memcpy(smac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(dmac, eth->h_dest, ETH_ALEN);
+
+	__be16 sport = p->sport, dport = p->key.port;
+	__u32 ack = p->seq + 1 + p->payload_len + ((p->flags & TCP_FLAG_FIN) ? 1 : 0);
+	__u8 saddr[16], daddr[16];
+	__builtin_memcpy(saddr, p->saddr, 16);
+	__builtin_memcpy(daddr, p->key.addr, 16);
+
+	__u32 l2 = p->l2_len;
+	if (l2 > ETH_HLEN + MAX_VLAN * sizeof(struct vlan_hdr))
+		return XDP_PASS;
+	__u32 l3 = p->is_v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
+	int delta = (int)(l2 + l3 + sizeof(struct tcphdr)) - (int)(data_end - data);
+	if (delta != 0 && bpf_xdp_adjust_tail(ctx, delta)) {
+		count(C_RST_FAILED);
+		return XDP_DROP;
+	}
+
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return XDP_DROP;
+	__builtin_memcpy(eth->h_source, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, smac, ETH_ALEN);
+
+	void *l3p = data + l2;
+	struct tcphdr *tcp;
+	__s64 sum;
+
+	if (p->is_v6) {
+		struct ipv6hdr *ip6 = l3p;
+		tcp = (void *)(ip6 + 1);
+		if ((void *)(tcp + 1) > data_end)
+			return XDP_DROP;
+		ip6->version = 6;
+		ip6->priority = 0;
+		__builtin_memset(ip6->flow_lbl, 0, sizeof(ip6->flow_lbl));
+		ip6->payload_len = bpf_htons(sizeof(struct tcphdr));
+		ip6->nexthdr = IPPROTO_TCP;
+		ip6->hop_limit = 64;
+		__builtin_memcpy(&ip6->saddr, daddr, 16);
+		__builtin_memcpy(&ip6->daddr, saddr, 16);
+
+		struct pseudo_v6 ph = {};
+		__builtin_memcpy(ph.saddr, daddr, 16);
+		__builtin_memcpy(ph.daddr, saddr, 16);
+		ph.len = bpf_htonl(sizeof(struct tcphdr));
+		ph.proto = IPPROTO_TCP;
+		sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	} else {
+		struct iphdr *ip = l3p;
+		tcp = (void *)(ip + 1);
+		if ((void *)(tcp + 1) > data_end)
+			return XDP_DROP;
+		__be32 src4, dst4;
+		__builtin_memcpy(&src4, daddr + 12, 4);
+		__builtin_memcpy(&dst4, saddr + 12, 4);
+		ip->version = 4;
+		ip->ihl = 5;
+		ip->tos = 0;
+		ip->tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct tcphdr));
+		ip->id = 0;
+		ip->frag_off = bpf_htons(0x4000); // DF
+		ip->ttl = 64;
+		ip->protocol = IPPROTO_TCP;
+		ip->check = 0;
+		ip->saddr = src4;
+		ip->daddr = dst4;
+		ip->check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
+
+		struct pseudo_v4 ph = {
+			.saddr = src4,
+			.daddr = dst4,
+			.proto = IPPROTO_TCP,
+			.len = bpf_htons(sizeof(struct tcphdr)),
+		};
+		sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	}
+
+	__builtin_memset(tcp, 0, sizeof(*tcp));
+	tcp->source = dport;
+	tcp->dest = sport;
+	tcp->seq = 0;
+	tcp->ack_seq = bpf_htonl(ack);
+	tcp->doff = 5;
+	tcp->rst = 1;
+	tcp->ack = 1;
+	tcp->window = 0;
+	sum = bpf_csum_diff(0, 0, (__be32 *)tcp, sizeof(*tcp), sum);
+	tcp->check = csum_fold(sum);
+
+	if (st)
+		st->rsts++;
+	count(C_RST_SENT);
+	return XDP_TX;
+}
+
+SEC("xdp")
+int zs_gate(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct pkt p = {};
+
+	count(C_PACKETS);
+	switch (parse(data, data_end, &p)) {
+	case PARSE_OK:
+		break;
+	case PARSE_NOT_TCP:
+		count(C_NOT_TCP);
+		return XDP_PASS;
+	case PARSE_FRAGMENT:
+		count(C_FRAGMENT);
+		return XDP_PASS;
+	default:
+		count(C_MALFORMED);
+		return XDP_PASS;
+	}
+
+	struct gate_policy *pol = bpf_map_lookup_elem(&policies, &p.key);
+	if (!pol) {
+		count(C_MISS);
+		return XDP_PASS;
+	}
+	struct gate_stats *st = bpf_map_lookup_elem(&stats, &p.key);
+	__u64 now = bpf_ktime_get_ns();
+	__u32 state = *(volatile __u32 *)&pol->state;
+
+	switch (state) {
+	case GATE_OPEN:
+		if (st) {
+			st->packets++;
+			st->bytes += data_end - data;
+			st->last_seen_ns = now;
+		}
+		count(C_OPEN);
+		if (is_pure_syn(&p)) {
+			// Remember that this client got through on its own, so a
+			// captured copy of its SYN is not replayed as well.
+			struct flow_key fk;
+			flow_of(&fk, &p);
+			struct syn_flow *seen = bpf_map_lookup_elem(&syn_flows, &fk);
+			if (seen)
+				seen->passed = 1;
+		}
+		return XDP_PASS;
+	case GATE_PARKED:
+		if (!is_pure_syn(&p)) {
+			count(C_PARKED_PASS);
+			return XDP_PASS;
+		}
+		return parked_syn(ctx, &p, pol, st, now);
+	case GATE_MOVED:
+		if (!is_pure_syn(&p)) {
+			count(C_MOVED_PASS);
+			return XDP_PASS;
+		}
+		return send_rst(ctx, &p, st);
+	}
+	return XDP_PASS;
+}
+
+/* ---------------------------------------------------------------- replay */
+
+static __always_inline void set_replay_result(__u32 result)
+{
+	__u32 zero = 0;
+	bpf_map_update_elem(&replay_result, &zero, &result, BPF_ANY);
+}
+
+// zs_replay lets a captured SYN into the stack only if a listener would take
+// it; a missing listener means "too early, retry", an existing connection
+// means the client's own retransmit already got through.
+SEC("xdp")
+int zs_replay(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct pkt p = {};
+
+	if (parse(data, data_end, &p) != PARSE_OK || !is_pure_syn(&p)) {
+		count(C_REPLAY_UNPARSEABLE);
+		set_replay_result(REPLAY_UNPARSEABLE);
+		return XDP_DROP;
+	}
+
+	struct bpf_sock_tuple tuple = {};
+	__u32 size;
+	if (p.is_v6) {
+		__builtin_memcpy(tuple.ipv6.saddr, p.saddr, 16);
+		__builtin_memcpy(tuple.ipv6.daddr, p.key.addr, 16);
+		tuple.ipv6.sport = p.sport;
+		tuple.ipv6.dport = p.key.port;
+		size = sizeof(tuple.ipv6);
+	} else {
+		__builtin_memcpy(&tuple.ipv4.saddr, p.saddr + 12, 4);
+		__builtin_memcpy(&tuple.ipv4.daddr, p.key.addr + 12, 4);
+		tuple.ipv4.sport = p.sport;
+		tuple.ipv4.dport = p.key.port;
+		size = sizeof(tuple.ipv4);
+	}
+
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(ctx, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk) {
+		count(C_REPLAY_NO_LISTENER);
+		set_replay_result(REPLAY_NO_LISTENER);
+		return XDP_DROP;
+	}
+	__u32 state = sk->state;
+	bpf_sk_release(sk);
+	if (state != ST_LISTEN) {
+		count(C_REPLAY_CONNECTED);
+		set_replay_result(REPLAY_CONNECTED);
+		return XDP_DROP;
+	}
+	count(C_REPLAY_PASSED);
+	set_replay_result(REPLAY_PASSED);
+	return XDP_PASS;
+}
+
+/* ---------------------------------------------------------------- sockets */
+
+static __always_inline void local_key(struct gate_key *k, const struct sock *sk, __u16 family)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	if (family == AF_INET6)
+		BPF_CORE_READ_INTO(&k->addr, sk, __sk_common.skc_v6_rcv_saddr);
+	else
+		map_v4(k->addr, sk->__sk_common.skc_rcv_saddr);
+	k->port = bpf_htons(sk->__sk_common.skc_num);
+	k->proto = IPPROTO_TCP;
+}
+
+static __always_inline void remote_addr(__u8 *addr, const struct sock *sk, __u16 family)
+{
+	if (family == AF_INET6)
+		BPF_CORE_READ_INTO(addr, sk, __sk_common.skc_v6_daddr);
+	else
+		map_v4(addr, sk->__sk_common.skc_daddr);
+}
+
+static __always_inline void listen_event(const struct sock *sk, __u16 family)
+{
+	__u16 port = sk->__sk_common.skc_num;
+	if (!bpf_map_lookup_elem(&listen_ports, &port))
+		return;
+	struct event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	if (!ev) {
+		count(C_RINGBUF_FULL);
+		return;
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->kind = EVENT_LISTEN;
+	ev->ts_ns = bpf_ktime_get_ns();
+	local_key(&ev->key, sk, family);
+	bpf_ringbuf_submit(ev, 0);
+	count(C_LISTEN_EVENTS);
+}
+
+// A connection is a health check when a checker process (the local Consul or
+// Nomad agent) opened it, or its peer is in ignore_sources.
+static __always_inline int is_check(const struct gate_key *k, const struct sock *sk, __u16 family)
+{
+	struct lpm_key lk = {.prefixlen = 128};
+	remote_addr(lk.addr, sk, family);
+	if (bpf_map_lookup_elem(&ignore_sources, &lk))
+		return 1;
+
+	struct flow_key fk = {};
+	fk.dst = *k;
+	__builtin_memcpy(fk.saddr, lk.addr, 16);
+	fk.sport = sk->__sk_common.skc_dport;
+	if (bpf_map_lookup_elem(&checker_flows, &fk)) {
+		bpf_map_delete_elem(&checker_flows, &fk);
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline void passive_established(const struct sock *sk, __u16 family)
+{
+	struct gate_key k;
+	local_key(&k, sk, family);
+	struct sock_activity *a = bpf_map_lookup_elem(&activity, &k);
+	if (!a)
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	if (is_check(&k, sk, family)) {
+		__sync_fetch_and_add(&a->checks, 1);
+		a->last_check_ns = now;
+		count(C_CHECK_CONNS);
+		return;
+	}
+	__u64 skp = (__u64)sk;
+	if (bpf_map_update_elem(&counted_socks, &skp, &k, BPF_NOEXIST) != 0)
+		return;
+	__sync_fetch_and_add(&a->established, 1);
+	__sync_fetch_and_add(&a->opened, 1);
+	a->last_active_ns = now;
+	count(C_COUNTED_CONNS);
+}
+
+static __always_inline void left_established(struct sock *sk)
+{
+	__u64 skp = (__u64)sk;
+	struct gate_key *kp = bpf_map_lookup_elem(&counted_socks, &skp);
+	if (!kp)
+		return;
+	struct gate_key k = *kp;
+	if (bpf_map_delete_elem(&counted_socks, &skp) != 0)
+		return;
+	struct sock_activity *a = bpf_map_lookup_elem(&activity, &k);
+	if (!a)
+		return;
+	__sync_fetch_and_add(&a->established, -1);
+	__sync_fetch_and_add(&a->closed, 1);
+	a->last_active_ns = bpf_ktime_get_ns();
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (tp)
+		__sync_fetch_and_add(&a->bytes, tp->bytes_received + tp->bytes_acked);
+}
+
+// The CLOSE→SYN_SENT transition runs in the connecting process, so its comm
+// tells whether a checker opened the socket; its ports are known only once
+// it is connected, when the flow is recorded for the server side to find.
+static __always_inline void active_open(struct sock *sk)
+{
+	char comm[16] = {};
+	bpf_get_current_comm(comm, sizeof(comm));
+	if (!bpf_map_lookup_elem(&checker_comms, comm))
+		return;
+	__u64 skp = (__u64)sk;
+	__u8 one = 1;
+	bpf_map_update_elem(&checker_socks, &skp, &one, BPF_ANY);
+}
+
+static __always_inline void active_established(struct sock *sk, __u16 family)
+{
+	__u64 skp = (__u64)sk;
+	if (!bpf_map_lookup_elem(&checker_socks, &skp))
+		return;
+	bpf_map_delete_elem(&checker_socks, &skp);
+
+	struct flow_key fk = {};
+	remote_addr(fk.dst.addr, sk, family);
+	fk.dst.port = sk->__sk_common.skc_dport;
+	fk.dst.proto = IPPROTO_TCP;
+	if (family == AF_INET6)
+		BPF_CORE_READ_INTO(&fk.saddr, sk, __sk_common.skc_v6_rcv_saddr);
+	else
+		map_v4(fk.saddr, sk->__sk_common.skc_rcv_saddr);
+	fk.sport = bpf_htons(sk->__sk_common.skc_num);
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&checker_flows, &fk, &now, BPF_ANY);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(zs_sock_state, struct sock *sk, int oldstate, int newstate)
+{
+	if (sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	struct gate_config *cfg = get_config();
+	if (!cfg)
+		return 0;
+	if (cfg->netns_inum && sk->__sk_common.skc_net.net->ns.inum != cfg->netns_inum)
+		return 0;
+	__u16 family = sk->__sk_common.skc_family;
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+
+	if (newstate == ST_LISTEN) {
+		listen_event(sk, family);
+	} else if (oldstate == ST_CLOSE && newstate == ST_SYN_SENT) {
+		active_open(sk);
+	} else if (oldstate == ST_SYN_SENT) {
+		if (newstate == ST_ESTABLISHED)
+			active_established(sk, family);
+		else {
+			__u64 skp = (__u64)sk;
+			bpf_map_delete_elem(&checker_socks, &skp);
+		}
+	} else if (newstate == ST_ESTABLISHED) {
+		passive_established(sk, family);
+	} else if (oldstate == ST_ESTABLISHED) {
+		left_established(sk);
+	}
+	return 0;
+}

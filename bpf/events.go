@@ -1,0 +1,95 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"errors"
+	"net/netip"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf/ringbuf"
+)
+
+// EventKind says why the kernel reported.
+type EventKind uint32
+
+const (
+	// EventWake: a SYN to a parked address (at most one per address per
+	// report interval).
+	EventWake EventKind = 1
+	// EventCapture: the first SYN of a client connection attempt to a parked
+	// address, kept for replay. A record can be both wake and capture.
+	EventCapture EventKind = 2
+	// EventListen: a socket started listening on a watched port.
+	EventListen EventKind = 4
+)
+
+// Event is one decoded ring-buffer record.
+type Event struct {
+	Kind    EventKind
+	Key     Key            // the service address (for listen: the listener's, maybe unspecified)
+	Source  netip.AddrPort // the client, for wake and capture
+	Ifindex int            // interface the SYN arrived on
+	Mono    time.Duration  // kernel monotonic time of the event
+	Time    time.Time      // the same, as wall time
+	// Frame holds the first bytes of the dropped SYN; FrameLen is its full
+	// length (Frame is complete when they are equal).
+	Frame    []byte
+	FrameLen int
+}
+
+// Is reports whether the event has kind k.
+func (e Event) Is(k EventKind) bool { return e.Kind&k != 0 }
+
+// DroppedEvents counts events lost because nobody read Events fast enough.
+func (g *Gate) DroppedEvents() uint64 { return atomic.LoadUint64(&g.dropped) }
+
+func (g *Gate) readEvents() {
+	defer close(g.readerDone)
+	defer close(g.events)
+	var rec ringbuf.Record
+	for {
+		if err := g.reader.ReadInto(&rec); err != nil {
+			if errors.Is(err, ringbuf.ErrClosed) {
+				return
+			}
+			g.logger.Warn("could not read a kernel event", "error", err)
+			continue
+		}
+		ev, ok := decodeEvent(rec.RawSample)
+		if !ok {
+			g.logger.Warn("dropped a short kernel event", "bytes", len(rec.RawSample))
+			continue
+		}
+		select {
+		case g.events <- ev:
+		default:
+			atomic.AddUint64(&g.dropped, 1)
+		}
+	}
+}
+
+func decodeEvent(raw []byte) (Event, bool) {
+	var e zeroscaleEvent
+	if len(raw) < int(unsafe.Sizeof(e)) {
+		return Event{}, false
+	}
+	if _, err := binary.Decode(raw, binary.NativeEndian, &e); err != nil {
+		return Event{}, false
+	}
+	capLen := min(int(e.CapLen), len(e.Frame))
+	ev := Event{
+		Kind:     EventKind(e.Kind),
+		Key:      keyFromBPF(e.Key),
+		Ifindex:  int(e.Ifindex),
+		Mono:     time.Duration(e.TsNs),
+		Time:     monoToWall(e.TsNs),
+		FrameLen: int(e.FrameLen),
+	}
+	if EventKind(e.Kind)&(EventWake|EventCapture) != 0 {
+		ev.Source = netip.AddrPortFrom(netip.AddrFrom16(e.Saddr).Unmap(), ntohs(e.Sport))
+		ev.Frame = append([]byte(nil), e.Frame[:capLen]...)
+	}
+	return ev, true
+}

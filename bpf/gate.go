@@ -1,0 +1,329 @@
+// Package bpf loads and drives zeroscale's kernel side: the XDP gate keyed on
+// service addresses, the socket activity counters and listen events, and the
+// SYN replay program. Maps and links are pinned under a bpffs directory, so
+// gating goes on while the plugin restarts and a new plugin picks the state up.
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/cilium/ebpf/rlimit"
+	hclog "github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultPinPath is where maps and links live between plugin restarts.
+const DefaultPinPath = "/sys/fs/bpf/zeroscale"
+
+const (
+	configFlagWakeFrom = 1
+	configFlagCapture  = 2
+
+	linksDir        = "links"
+	sockStateLinkID = "sock_state"
+)
+
+// Options configures Load.
+type Options struct {
+	// PinPath is a directory on a bpffs; DefaultPinPath when empty.
+	PinPath string
+	// ReportInterval is the least time between two wake reports for one
+	// parked address; SYNs in between are dropped and only counted.
+	ReportInterval time.Duration
+	// CaptureSYNs keeps the first SYN of each client connection attempt to a
+	// parked address, for replay.
+	CaptureSYNs bool
+	// MaxCapturePerKey bounds captured SYNs per parked address.
+	MaxCapturePerKey uint32
+	// SYNMaxAge: a connection attempt older than this counts as new again.
+	SYNMaxAge time.Duration
+	// EventBuffer is the capacity of the Events channel.
+	EventBuffer int
+	Logger      hclog.Logger
+}
+
+func (o *Options) setDefaults() {
+	if o.PinPath == "" {
+		o.PinPath = DefaultPinPath
+	}
+	if o.ReportInterval <= 0 {
+		o.ReportInterval = 100 * time.Millisecond
+	}
+	if o.MaxCapturePerKey == 0 {
+		o.MaxCapturePerKey = 1024
+	}
+	if o.SYNMaxAge <= 0 {
+		o.SYNMaxAge = 60 * time.Second
+	}
+	if o.EventBuffer <= 0 {
+		o.EventBuffer = 4096
+	}
+	if o.Logger == nil {
+		o.Logger = hclog.NewNullLogger()
+	}
+}
+
+// Gate is the loaded data plane. Methods are safe for concurrent use.
+type Gate struct {
+	opts   Options
+	logger hclog.Logger
+	objs   zeroscaleObjects
+
+	mu       sync.Mutex
+	xdpLinks map[string]link.Link // by interface name
+	sockLink link.Link
+
+	replayMu sync.Mutex
+
+	events     chan Event
+	reader     *ringbuf.Reader
+	readerDone chan struct{}
+	dropped    uint64 // events lost because the channel was full
+	closeOnce  sync.Once
+}
+
+// Load loads the programs, reuses maps pinned by an earlier plugin process,
+// writes the config and attaches the socket program. Interfaces are attached
+// separately with Attach.
+func Load(opts Options) (*Gate, error) {
+	opts.setDefaults()
+	logger := opts.Logger.Named("bpf")
+
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("remove memlock rlimit: %w", err)
+	}
+	if err := ensureBPFFS(filepath.Dir(opts.PinPath)); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(opts.PinPath, linksDir), 0o700); err != nil {
+		return nil, fmt.Errorf("create pin directory: %w", err)
+	}
+
+	spec, err := loadZeroscale()
+	if err != nil {
+		return nil, fmt.Errorf("read embedded BPF object: %w", err)
+	}
+	g := &Gate{
+		opts:       opts,
+		logger:     logger,
+		xdpLinks:   make(map[string]link.Link),
+		events:     make(chan Event, opts.EventBuffer),
+		readerDone: make(chan struct{}),
+	}
+	err = spec.LoadAndAssign(&g.objs, &ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: opts.PinPath},
+	})
+	if err != nil {
+		return nil, explainLoadError(err, opts.PinPath)
+	}
+
+	if err := g.writeConfig(); err != nil {
+		g.objs.Close()
+		return nil, err
+	}
+	if err := g.attachSockState(); err != nil {
+		g.objs.Close()
+		return nil, err
+	}
+	g.reader, err = ringbuf.NewReader(g.objs.Events)
+	if err != nil {
+		g.closeLinks()
+		g.objs.Close()
+		return nil, fmt.Errorf("open event ring buffer: %w", err)
+	}
+	go g.readEvents()
+	return g, nil
+}
+
+// explainLoadError prints verifier errors in full and turns an incompatible
+// pinned map (left by another version) into advice.
+func explainLoadError(err error, pinPath string) error {
+	var verr *ebpf.VerifierError
+	if errors.As(err, &verr) {
+		return fmt.Errorf("load BPF programs: verifier rejected them:\n%+v", verr)
+	}
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		return fmt.Errorf("load BPF programs: a map pinned under %s by another zeroscale version has a different layout; "+
+			"run `nomad-driver-zeroscale uninstall` (or remove %s) and restart: %w", pinPath, pinPath, err)
+	}
+	return fmt.Errorf("load BPF programs: %w", err)
+}
+
+// ensureBPFFS mounts a bpffs at dir when none is there, as systemd does.
+func ensureBPFFS(dir string) error {
+	var st unix.Statfs_t
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	if err := unix.Statfs(dir, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", dir, err)
+	}
+	if st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs at %s: %w", dir, err)
+	}
+	return nil
+}
+
+func (g *Gate) writeConfig() error {
+	inum, err := currentNetnsInode()
+	if err != nil {
+		return err
+	}
+	var flags uint32
+	if g.opts.CaptureSYNs {
+		flags |= configFlagCapture
+	}
+	// Keep the wake_from flag as the pinned config has it: the allow-list
+	// survives a restart until SetWakeFrom replaces it.
+	var old zeroscaleGateConfig
+	if err := g.objs.Config.Lookup(uint32(0), &old); err == nil {
+		flags |= old.Flags & configFlagWakeFrom
+	}
+	cfg := zeroscaleGateConfig{
+		ReportIntervalNs: uint64(g.opts.ReportInterval),
+		SynMaxAgeNs:      uint64(g.opts.SYNMaxAge),
+		Flags:            flags,
+		MaxCapture:       g.opts.MaxCapturePerKey,
+		NetnsInum:        inum,
+	}
+	if err := g.objs.Config.Put(uint32(0), &cfg); err != nil {
+		return fmt.Errorf("write gate config: %w", err)
+	}
+	return nil
+}
+
+func currentNetnsInode() (uint32, error) {
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
+		return 0, fmt.Errorf("read network namespace: %w", err)
+	}
+	return uint32(st.Ino), nil
+}
+
+// attachSockState attaches the socket program and pins its link. A link
+// pinned by the previous process is replaced after the new one is attached,
+// so no transition is missed; both running for a moment is harmless because
+// the program counts each socket at most once.
+func (g *Gate) attachSockState() error {
+	l, err := link.AttachTracing(link.TracingOptions{Program: g.objs.ZsSockState})
+	if err != nil {
+		return fmt.Errorf("attach tp_btf/inet_sock_set_state: %w", err)
+	}
+	path := g.linkPath(sockStateLinkID)
+	if old, err := link.LoadPinnedLink(path, nil); err == nil {
+		_ = old.Unpin()
+		_ = old.Close()
+	}
+	if err := l.Pin(path); err != nil {
+		_ = l.Close()
+		return fmt.Errorf("pin socket program link: %w", err)
+	}
+	g.sockLink = l
+	return nil
+}
+
+func (g *Gate) linkPath(id string) string {
+	return filepath.Join(g.opts.PinPath, linksDir, id)
+}
+
+// Events delivers wake, capture and listen events. It is closed by Close.
+func (g *Gate) Events() <-chan Event {
+	return g.events
+}
+
+// Close releases this process's handles. Pinned maps and links stay, so the
+// gate keeps working until the next Load or Uninstall.
+func (g *Gate) Close() error {
+	g.closeOnce.Do(func() {
+		if g.reader != nil {
+			_ = g.reader.Close()
+			<-g.readerDone
+		}
+		g.closeLinks()
+		g.objs.Close()
+	})
+	return nil
+}
+
+func (g *Gate) closeLinks() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for name, l := range g.xdpLinks {
+		_ = l.Close()
+		delete(g.xdpLinks, name)
+	}
+	if g.sockLink != nil {
+		_ = g.sockLink.Close()
+		g.sockLink = nil
+	}
+}
+
+// Uninstall detaches everything pinned under pinPath and removes the pins.
+func Uninstall(pinPath string) error {
+	if pinPath == "" {
+		pinPath = DefaultPinPath
+	}
+	dir := filepath.Join(pinPath, linksDir)
+	entries, err := os.ReadDir(dir)
+	if err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("list pinned links: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		path := filepath.Join(dir, e.Name())
+		l, err := link.LoadPinnedLink(path, nil)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load pinned link %s: %w", path, err))
+			_ = os.Remove(path)
+			continue
+		}
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", path, err))
+		}
+		_ = l.Close()
+	}
+	if err := os.RemoveAll(pinPath); err != nil {
+		errs = append(errs, fmt.Errorf("remove %s: %w", pinPath, err))
+	}
+	return errors.Join(errs...)
+}
+
+// Probe tells whether this kernel can run the gate: BTF present and the
+// programs accepted by the verifier. It loads nothing persistent.
+func Probe() error {
+	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
+		return fmt.Errorf("no kernel BTF at /sys/kernel/btf/vmlinux (needs CONFIG_DEBUG_INFO_BTF)")
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return fmt.Errorf("remove memlock rlimit: %w", err)
+	}
+	spec, err := loadZeroscale()
+	if err != nil {
+		return fmt.Errorf("read embedded BPF object: %w", err)
+	}
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinNone
+	}
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return fmt.Errorf("verifier rejected the programs: %s", strings.Join(verr.Log[max(0, len(verr.Log)-3):], " "))
+		}
+		return fmt.Errorf("load BPF programs: %w", err)
+	}
+	coll.Close()
+	return nil
+}

@@ -1,0 +1,195 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// ReplayResult says what happened to a re-injected SYN.
+type ReplayResult int
+
+const (
+	// ReplayPassed: a listener exists; the SYN entered the stack.
+	ReplayPassed ReplayResult = iota + 1
+	// ReplayNoListener: nothing listens yet; try again shortly.
+	ReplayNoListener
+	// ReplayConnected: the client's own retransmit already got through.
+	ReplayConnected
+	// ReplayUnparseable: the frame is not a complete TCP SYN.
+	ReplayUnparseable
+)
+
+func (r ReplayResult) String() string {
+	switch r {
+	case ReplayPassed:
+		return "passed"
+	case ReplayNoListener:
+		return "no-listener"
+	case ReplayConnected:
+		return "already-connected"
+	case ReplayUnparseable:
+		return "unparseable"
+	}
+	return fmt.Sprintf("replay(%d)", int(r))
+}
+
+// ErrReplayUnsupported means this kernel cannot inject frames (BPF_PROG_RUN
+// live frames need Linux 5.18): clients fall back to their own retransmit.
+var ErrReplayUnsupported = errors.New("SYN replay unsupported by this kernel")
+
+// xdpMd mirrors struct xdp_md, the context of an XDP test run.
+type xdpMd struct {
+	Data           uint32
+	DataEnd        uint32
+	DataMeta       uint32
+	IngressIfindex uint32
+	RxQueueIndex   uint32
+	EgressIfindex  uint32
+}
+
+// Replay re-injects a captured SYN frame as if it had just arrived on
+// ifindex. Checksums are recomputed first: frames captured on veth or lo
+// carry only a partial TCP checksum.
+func (g *Gate) Replay(frame []byte, ifindex int) (ReplayResult, error) {
+	fixed, err := FixChecksums(frame)
+	if err != nil {
+		return ReplayUnparseable, err
+	}
+	g.replayMu.Lock()
+	defer g.replayMu.Unlock()
+	_, err = g.objs.ZsReplay.Run(&ebpf.RunOptions{
+		Data:    fixed,
+		Context: xdpMd{DataEnd: uint32(len(fixed)), IngressIfindex: uint32(ifindex)},
+		Flags:   unix.BPF_F_TEST_XDP_LIVE_FRAMES,
+		Repeat:  1,
+	})
+	if err != nil {
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, ebpf.ErrNotSupported) {
+			return 0, fmt.Errorf("%w: %v", ErrReplayUnsupported, err)
+		}
+		return 0, fmt.Errorf("replay SYN on ifindex %d: %w", ifindex, err)
+	}
+	var result uint32
+	if err := g.objs.ReplayResult.Lookup(uint32(0), &result); err != nil {
+		return 0, fmt.Errorf("read replay result: %w", err)
+	}
+	return ReplayResult(result), nil
+}
+
+// SYNPassed tells whether a SYN of this client connection attempt went
+// through the open gate after it was captured (its own retransmit).
+func (g *Gate) SYNPassed(k Key, client netip.AddrPort) bool {
+	fk := zeroscaleFlowKey{Dst: k.bpf(), Saddr: client.Addr().As16(), Sport: htons(client.Port())}
+	var f zeroscaleSynFlow
+	if err := g.objs.SynFlows.Lookup(&fk, &f); err != nil {
+		return false
+	}
+	return f.Passed != 0
+}
+
+// FixChecksums returns a copy of an Ethernet frame carrying TCP over IPv4 or
+// IPv6 with the IPv4 header and TCP checksums recomputed.
+func FixChecksums(frame []byte) ([]byte, error) {
+	out := append([]byte(nil), frame...)
+	off := 14
+	if len(out) < off {
+		return nil, errors.New("frame shorter than an Ethernet header")
+	}
+	proto := binary.BigEndian.Uint16(out[12:14])
+	for i := 0; i < 2 && (proto == 0x8100 || proto == 0x88a8); i++ {
+		if len(out) < off+4 {
+			return nil, errors.New("truncated VLAN header")
+		}
+		proto = binary.BigEndian.Uint16(out[off+2 : off+4])
+		off += 4
+	}
+	switch proto {
+	case 0x0800:
+		if len(out) < off+20 {
+			return nil, errors.New("truncated IPv4 header")
+		}
+		ip := out[off:]
+		ihl := int(ip[0]&0x0f) * 4
+		total := int(binary.BigEndian.Uint16(ip[2:4]))
+		if ip[0]>>4 != 4 || ihl < 20 || total < ihl+20 || len(ip) < total || ip[9] != ipprotoTCP {
+			return nil, errors.New("not a complete IPv4 TCP packet")
+		}
+		ip[10], ip[11] = 0, 0
+		binary.BigEndian.PutUint16(ip[10:12], ^fold(sum(ip[:ihl], 0)))
+		seg := ip[ihl:total]
+		var pseudo [12]byte
+		copy(pseudo[0:4], ip[12:16])
+		copy(pseudo[4:8], ip[16:20])
+		pseudo[9] = ipprotoTCP
+		binary.BigEndian.PutUint16(pseudo[10:12], uint16(len(seg)))
+		setTCPChecksum(seg, sum(pseudo[:], 0))
+	case 0x86dd:
+		if len(out) < off+40 {
+			return nil, errors.New("truncated IPv6 header")
+		}
+		ip := out[off:]
+		plen := int(binary.BigEndian.Uint16(ip[4:6]))
+		if len(ip) < 40+plen {
+			return nil, errors.New("not a complete IPv6 packet")
+		}
+		next, hdr := ip[6], 40
+		for i := 0; i < 6 && next != ipprotoTCP; i++ {
+			if hdr+8 > 40+plen {
+				return nil, errors.New("truncated IPv6 extension header")
+			}
+			var n int
+			switch next {
+			case 0, 43, 60:
+				n = (int(ip[hdr+1]) + 1) * 8
+			case 51:
+				n = (int(ip[hdr+1]) + 2) * 4
+			default:
+				return nil, errors.New("not a TCP packet")
+			}
+			next = ip[hdr]
+			hdr += n
+		}
+		if next != ipprotoTCP || hdr+20 > 40+plen {
+			return nil, errors.New("not a complete IPv6 TCP packet")
+		}
+		seg := ip[hdr : 40+plen]
+		var pseudo [40]byte
+		copy(pseudo[0:16], ip[8:24])
+		copy(pseudo[16:32], ip[24:40])
+		binary.BigEndian.PutUint32(pseudo[32:36], uint32(len(seg)))
+		pseudo[39] = ipprotoTCP
+		setTCPChecksum(seg, sum(pseudo[:], 0))
+	default:
+		return nil, errors.New("not an IP packet")
+	}
+	return out, nil
+}
+
+func setTCPChecksum(seg []byte, pseudo uint32) {
+	seg[16], seg[17] = 0, 0
+	binary.BigEndian.PutUint16(seg[16:18], ^fold(sum(seg, pseudo)))
+}
+
+// sum adds b as big-endian 16-bit words (RFC 1071).
+func sum(b []byte, acc uint32) uint32 {
+	for len(b) >= 2 {
+		acc += uint32(binary.BigEndian.Uint16(b))
+		b = b[2:]
+	}
+	if len(b) == 1 {
+		acc += uint32(b[0]) << 8
+	}
+	return acc
+}
+
+func fold(s uint32) uint16 {
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
+	}
+	return uint16(s)
+}
