@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -204,9 +205,13 @@ func (g *Gate) writeConfig() error {
 	return nil
 }
 
+// currentNetnsInode reads the namespace of the calling thread: /proc/self
+// names the main thread, which a process may have moved elsewhere.
 func currentNetnsInode() (uint32, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	var st unix.Stat_t
-	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
+	if err := unix.Stat("/proc/thread-self/ns/net", &st); err != nil {
 		return 0, fmt.Errorf("read network namespace: %w", err)
 	}
 	return uint32(st.Ino), nil
