@@ -1,0 +1,134 @@
+// Package consul is zeroscale's view of Consul: it watches the Nomad-registered
+// instances of gated services, keeps placeholder instances registered while a
+// group sleeps, elects the node that decides scale-downs, and carries each
+// node's activity reports and the groups' sleep/wake phase in the KV store.
+package consul
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+
+	capi "github.com/hashicorp/consul/api"
+	hclog "github.com/hashicorp/go-hclog"
+)
+
+// Config says how to reach the local Consul agent.
+type Config struct {
+	Address  string // host:port or URL; CONSUL_HTTP_ADDR, then 127.0.0.1:8500
+	Token    string // CONSUL_HTTP_TOKEN when empty
+	KVPrefix string // "zeroscale" when empty
+
+	CAFile             string
+	CertFile           string
+	KeyFile            string
+	TLSServerName      string
+	InsecureSkipVerify bool
+}
+
+// Client wraps the Consul API with zeroscale's conventions.
+type Client struct {
+	api    *capi.Client
+	prefix string
+	logger hclog.Logger
+	node   string
+}
+
+// New builds a client; it does not contact Consul.
+func New(cfg Config, logger hclog.Logger) (*Client, error) {
+	apiCfg := capi.DefaultConfig() // reads CONSUL_HTTP_* variables
+	if cfg.Address != "" {
+		addr := cfg.Address
+		if scheme, rest, ok := strings.Cut(addr, "://"); ok {
+			apiCfg.Scheme = scheme
+			addr = rest
+		}
+		apiCfg.Address = addr
+	} else if os.Getenv("CONSUL_HTTP_ADDR") == "" {
+		apiCfg.Address = "127.0.0.1:8500"
+	}
+	if cfg.Token != "" {
+		apiCfg.Token = cfg.Token
+	}
+	if cfg.CAFile != "" || cfg.CertFile != "" || cfg.KeyFile != "" || cfg.TLSServerName != "" || cfg.InsecureSkipVerify {
+		apiCfg.TLSConfig = capi.TLSConfig{
+			CAFile:             cfg.CAFile,
+			CertFile:           cfg.CertFile,
+			KeyFile:            cfg.KeyFile,
+			Address:            cfg.TLSServerName,
+			InsecureSkipVerify: cfg.InsecureSkipVerify,
+		}
+		if cfg.CAFile != "" || cfg.CertFile != "" {
+			apiCfg.Scheme = "https"
+		}
+	}
+	client, err := capi.NewClient(apiCfg)
+	if err != nil {
+		return nil, fmt.Errorf("configure consul client: %w", err)
+	}
+	prefix := strings.Trim(cfg.KVPrefix, "/")
+	if prefix == "" {
+		prefix = "zeroscale"
+	}
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	return &Client{api: client, prefix: prefix, logger: logger.Named("consul")}, nil
+}
+
+// API exposes the underlying client.
+func (c *Client) API() *capi.Client { return c.api }
+
+// NodeName is the name of the local agent's node, fetched once.
+func (c *Client) NodeName() (string, error) {
+	if c.node != "" {
+		return c.node, nil
+	}
+	name, err := c.api.Agent().NodeName()
+	if err != nil {
+		return "", classify(err, "agent:read", "read the local agent's node name")
+	}
+	c.node = name
+	return name, nil
+}
+
+// PermissionError is an ACL denial. It names the permission zeroscale needs,
+// so the operator can fix the token's policy instead of watching retries.
+type PermissionError struct {
+	Needs  string // e.g. `key_prefix "zeroscale/" { policy = "write" }`
+	Action string
+	Err    error
+}
+
+func (e *PermissionError) Error() string {
+	return fmt.Sprintf("consul denied %s: the token needs %s: %v", e.Action, e.Needs, e.Err)
+}
+
+func (e *PermissionError) Unwrap() error { return e.Err }
+
+// IsPermission reports whether err is an ACL denial.
+func IsPermission(err error) bool {
+	var pe *PermissionError
+	return errors.As(err, &pe)
+}
+
+// classify wraps err, turning a 403 into a PermissionError.
+func classify(err error, needs, action string) error {
+	if err == nil {
+		return nil
+	}
+	var se capi.StatusError
+	if errors.As(err, &se) && se.Code == http.StatusForbidden ||
+		strings.Contains(err.Error(), "403") && strings.Contains(strings.ToLower(err.Error()), "permission denied") ||
+		strings.Contains(err.Error(), "ACL not found") {
+		return &PermissionError{Needs: needs, Action: action, Err: err}
+	}
+	return fmt.Errorf("%s: %w", action, err)
+}
+
+// kvNeed is the ACL rule for the KV prefix.
+func (c *Client) kvNeed() string {
+	return fmt.Sprintf(`key_prefix "%s/" { policy = "write" }`, c.prefix)
+}

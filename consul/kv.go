@@ -1,0 +1,217 @@
+package consul
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+
+	capi "github.com/hashicorp/consul/api"
+)
+
+// GroupKey names a task group: <namespace>/<job>/<group>, each part escaped.
+func GroupKey(namespace, job, group string) string {
+	return url.PathEscape(namespace) + "/" + url.PathEscape(job) + "/" + url.PathEscape(group)
+}
+
+// ActivityReport is one node's summary of one group's service addresses.
+type ActivityReport struct {
+	Node        string    `json:"node"`
+	Established int64     `json:"established"` // open real connections now
+	LastActive  time.Time `json:"last_active"` // last real connection opened or closed
+	Checks      uint64    `json:"checks"`      // health-check connections seen
+	// ParkedEpoch acknowledges that this node closed its gate for the
+	// group's parking attempt of that epoch.
+	ParkedEpoch uint64    `json:"parked_epoch,omitempty"`
+	Reported    time.Time `json:"reported"`
+}
+
+func (c *Client) activityKey(group, node string) string {
+	return c.prefix + "/activity/" + group + "/" + url.PathEscape(node)
+}
+
+// PublishActivity writes this node's report for a group.
+func (c *Client) PublishActivity(group string, r ActivityReport) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("encode activity report: %w", err)
+	}
+	_, err = c.api.KV().Put(&capi.KVPair{Key: c.activityKey(group, r.Node), Value: b}, nil)
+	return classify(err, c.kvNeed(), "publish activity of "+group)
+}
+
+// ReadActivity returns the reports of every node for a group, leaving out
+// those older than maxAge (nodes that died or stopped reporting).
+func (c *Client) ReadActivity(group string, maxAge time.Duration, now time.Time) ([]ActivityReport, error) {
+	pairs, _, err := c.api.KV().List(c.prefix+"/activity/"+group+"/", nil)
+	if err != nil {
+		return nil, classify(err, c.kvNeed(), "read activity of "+group)
+	}
+	var out []ActivityReport
+	for _, p := range pairs {
+		var r ActivityReport
+		if err := json.Unmarshal(p.Value, &r); err != nil {
+			c.logger.Warn("ignoring an unreadable activity report", "key", p.Key, "error", err)
+			continue
+		}
+		if maxAge > 0 && now.Sub(r.Reported) > maxAge {
+			continue
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// DeleteStaleActivity removes reports older than maxAge under the prefix.
+func (c *Client) DeleteStaleActivity(maxAge time.Duration, now time.Time) error {
+	pairs, _, err := c.api.KV().List(c.prefix+"/activity/", nil)
+	if err != nil {
+		return classify(err, c.kvNeed(), "list activity reports")
+	}
+	for _, p := range pairs {
+		var r ActivityReport
+		if json.Unmarshal(p.Value, &r) == nil && now.Sub(r.Reported) <= maxAge {
+			continue
+		}
+		if _, err := c.api.KV().Delete(p.Key, nil); err != nil {
+			return classify(err, c.kvNeed(), "delete a stale activity report")
+		}
+	}
+	return nil
+}
+
+// Phase of a group in its sleep/wake cycle.
+type Phase string
+
+const (
+	PhaseAwake   Phase = "awake"
+	PhaseParking Phase = "parking"
+	PhaseAsleep  Phase = "asleep"
+	PhaseWaking  Phase = "waking"
+)
+
+// Address is a service address of a group, with the node that serves it.
+type Address struct {
+	Service string `json:"service"`
+	Addr    string `json:"addr"` // ip:port
+	Node    string `json:"node"`
+}
+
+// GroupState is the cluster-wide record of a group's phase. Nodes change it
+// only by check-and-set, so concurrent wakes from many nodes agree on one
+// winner.
+type GroupState struct {
+	Phase     Phase     `json:"phase"`
+	Epoch     uint64    `json:"epoch"` // grows with every parking attempt
+	Since     time.Time `json:"since"`
+	By        string    `json:"by"`               // node that made the change
+	Addresses []Address `json:"addresses"`        // what was parked
+	Reason    string    `json:"reason,omitempty"` // for logs and events
+	// FirstSYN is the kernel time (wall clock) of the SYN that woke the group.
+	FirstSYN time.Time `json:"first_syn,omitzero"`
+	// Index is the KV ModifyIndex this state was read at (0: absent).
+	Index uint64 `json:"-"`
+}
+
+func (c *Client) groupStateKey(group string) string { return c.prefix + "/groups/" + group }
+
+// GroupState reads a group's record; absent means awake with Index 0.
+func (c *Client) GroupState(group string) (GroupState, error) {
+	p, _, err := c.api.KV().Get(c.groupStateKey(group), &capi.QueryOptions{RequireConsistent: true})
+	if err != nil {
+		return GroupState{}, classify(err, c.kvNeed(), "read state of "+group)
+	}
+	if p == nil {
+		return GroupState{Phase: PhaseAwake}, nil
+	}
+	return decodeState(p)
+}
+
+func decodeState(p *capi.KVPair) (GroupState, error) {
+	var st GroupState
+	if err := json.Unmarshal(p.Value, &st); err != nil {
+		return GroupState{}, fmt.Errorf("decode state at %s: %w", p.Key, err)
+	}
+	st.Index = p.ModifyIndex
+	return st, nil
+}
+
+// ErrConflict means another node changed the state first.
+var ErrConflict = errors.New("group state changed concurrently")
+
+// SwapGroupState writes st if the record is still at expected.Index (0: must
+// not exist). On a lost race it returns ErrConflict.
+func (c *Client) SwapGroupState(group string, expected GroupState, st GroupState) (GroupState, error) {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return GroupState{}, fmt.Errorf("encode group state: %w", err)
+	}
+	ok, _, err := c.api.KV().CAS(&capi.KVPair{Key: c.groupStateKey(group), Value: b, ModifyIndex: expected.Index}, nil)
+	if err != nil {
+		return GroupState{}, classify(err, c.kvNeed(), "change state of "+group)
+	}
+	if !ok {
+		return GroupState{}, ErrConflict
+	}
+	// Read back for the new index.
+	return c.GroupState(group)
+}
+
+// DeleteGroupState forgets a group (its policy went away).
+func (c *Client) DeleteGroupState(group string) error {
+	_, err := c.api.KV().Delete(c.groupStateKey(group), nil)
+	return classify(err, c.kvNeed(), "delete state of "+group)
+}
+
+// WatchGroupStates calls onChange with every group record whenever any
+// changes, until ctx ends.
+func (c *Client) WatchGroupStates(ctx context.Context, onChange func(map[string]GroupState), onError func(error)) {
+	var index uint64
+	failures := 0
+	prefix := c.prefix + "/groups/"
+	for ctx.Err() == nil {
+		q := (&capi.QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute}).WithContext(ctx)
+		pairs, meta, err := c.api.KV().List(prefix, q)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			failures++
+			err = classify(err, c.kvNeed(), "watch group states")
+			if onError != nil {
+				onError(err)
+			}
+			delay := backoff(failures)
+			if IsPermission(err) {
+				delay = time.Minute
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(delay):
+			}
+			continue
+		}
+		failures = 0
+		if meta.LastIndex < index {
+			index = 0
+		} else if meta.LastIndex == index {
+			continue
+		} else {
+			index = meta.LastIndex
+		}
+		out := make(map[string]GroupState, len(pairs))
+		for _, p := range pairs {
+			st, err := decodeState(p)
+			if err != nil {
+				c.logger.Warn("ignoring an unreadable group state", "error", err)
+				continue
+			}
+			out[strings.TrimPrefix(p.Key, prefix)] = st
+		}
+		onChange(out)
+	}
+}
