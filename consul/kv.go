@@ -169,9 +169,51 @@ func (c *Client) DeleteGroupState(group string) error {
 // WatchGroupStates calls onChange with every group record whenever any
 // changes, until ctx ends.
 func (c *Client) WatchGroupStates(ctx context.Context, onChange func(map[string]GroupState), onError func(error)) {
+	prefix := c.prefix + "/groups/"
+	c.watchPrefix(ctx, prefix, func(pairs capi.KVPairs) {
+		out := make(map[string]GroupState, len(pairs))
+		for _, p := range pairs {
+			st, err := decodeState(p)
+			if err != nil {
+				c.logger.Warn("ignoring an unreadable group state", "error", err)
+				continue
+			}
+			out[strings.TrimPrefix(p.Key, prefix)] = st
+		}
+		onChange(out)
+	}, onError, "watch group states")
+}
+
+// WatchActivity calls onChange with every node's latest report per group
+// (group key → node → report) whenever any changes, until ctx ends.
+func (c *Client) WatchActivity(ctx context.Context, onChange func(map[string]map[string]ActivityReport), onError func(error)) {
+	prefix := c.prefix + "/activity/"
+	c.watchPrefix(ctx, prefix, func(pairs capi.KVPairs) {
+		out := make(map[string]map[string]ActivityReport)
+		for _, p := range pairs {
+			var r ActivityReport
+			if err := json.Unmarshal(p.Value, &r); err != nil {
+				continue
+			}
+			rest := strings.TrimPrefix(p.Key, prefix)
+			i := strings.LastIndexByte(rest, '/')
+			if i < 0 {
+				continue
+			}
+			group := rest[:i]
+			if out[group] == nil {
+				out[group] = make(map[string]ActivityReport)
+			}
+			out[group][r.Node] = r
+		}
+		onChange(out)
+	}, onError, "watch activity reports")
+}
+
+// watchPrefix runs blocking list queries on a KV prefix.
+func (c *Client) watchPrefix(ctx context.Context, prefix string, onChange func(capi.KVPairs), onError func(error), action string) {
 	var index uint64
 	failures := 0
-	prefix := c.prefix + "/groups/"
 	for ctx.Err() == nil {
 		q := (&capi.QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute}).WithContext(ctx)
 		pairs, meta, err := c.api.KV().List(prefix, q)
@@ -180,7 +222,7 @@ func (c *Client) WatchGroupStates(ctx context.Context, onChange func(map[string]
 				return
 			}
 			failures++
-			err = classify(err, c.kvNeed(), "watch group states")
+			err = classify(err, c.kvNeed(), action)
 			if onError != nil {
 				onError(err)
 			}
@@ -203,15 +245,6 @@ func (c *Client) WatchGroupStates(ctx context.Context, onChange func(map[string]
 		} else {
 			index = meta.LastIndex
 		}
-		out := make(map[string]GroupState, len(pairs))
-		for _, p := range pairs {
-			st, err := decodeState(p)
-			if err != nil {
-				c.logger.Warn("ignoring an unreadable group state", "error", err)
-				continue
-			}
-			out[strings.TrimPrefix(p.Key, prefix)] = st
-		}
-		onChange(out)
+		onChange(pairs)
 	}
 }

@@ -1,0 +1,350 @@
+package scaling
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"sync"
+	"time"
+
+	hclog "github.com/hashicorp/go-hclog"
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
+	"github.com/zeroscale/nomad-driver-zeroscale/consul"
+)
+
+// Config wires an Agent to the world.
+type Config struct {
+	Gate    Gate
+	Nomad   Nomad
+	Cluster Cluster
+	Clock   Clock
+	Logger  hclog.Logger
+	Metrics *Metrics
+
+	// DryRun: observe and log decisions, never park or scale.
+	DryRun bool
+	// SYNReplay re-injects captured SYNs when a woken service is ready.
+	SYNReplay bool
+	// SYNMaxAge: captured SYNs older than this are dropped, not replayed.
+	SYNMaxAge time.Duration
+	// MaxCapturesPerKey bounds captured SYNs kept per parked address.
+	MaxCapturesPerKey int
+	// ReportInterval is the least time between two activity reports of a
+	// group; HeartbeatInterval is the most.
+	ReportInterval    time.Duration
+	HeartbeatInterval time.Duration
+	// ReportMaxAge: reports older than this are from nodes that stopped.
+	ReportMaxAge time.Duration
+	// ParkAckTimeout: nodes must close their gates within this time of a
+	// parking decision, or parking is abandoned.
+	ParkAckTimeout time.Duration
+	// TickInterval paces timers, checks and reports.
+	TickInterval time.Duration
+	// LocalAddrs lists this host's addresses (consul.LocalAddrs by default).
+	LocalAddrs func() (map[netip.Addr]bool, error)
+	// Spawn runs slow work (SYN replays) off the loop; `go f()` by default.
+	Spawn func(func())
+}
+
+func (c *Config) setDefaults() {
+	if c.Clock == nil {
+		c.Clock = realClock{}
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+	if c.Metrics == nil {
+		c.Metrics = NewMetrics(nil)
+	}
+	if c.SYNMaxAge <= 0 {
+		c.SYNMaxAge = 60 * time.Second
+	}
+	if c.MaxCapturesPerKey <= 0 {
+		c.MaxCapturesPerKey = 1024
+	}
+	if c.ReportInterval <= 0 {
+		c.ReportInterval = time.Second
+	}
+	if c.HeartbeatInterval <= 0 {
+		c.HeartbeatInterval = 30 * time.Second
+	}
+	if c.ReportMaxAge <= 0 {
+		c.ReportMaxAge = 3 * c.HeartbeatInterval
+	}
+	if c.ParkAckTimeout <= 0 {
+		c.ParkAckTimeout = 15 * time.Second
+	}
+	if c.TickInterval <= 0 {
+		c.TickInterval = 500 * time.Millisecond
+	}
+	if c.LocalAddrs == nil {
+		c.LocalAddrs = consul.LocalAddrs
+	}
+	if c.Spawn == nil {
+		c.Spawn = func(f func()) { go f() }
+	}
+}
+
+// Agent is one node's scaler. Its state is owned by one goroutine (Run);
+// the exported On*/Tick methods are that goroutine's entry points, called
+// directly only by tests.
+type Agent struct {
+	cfg    Config
+	logger hclog.Logger
+	node   string
+	clock  Clock
+
+	inbox chan func()
+
+	groups   map[GroupID]*group
+	keyIndex map[bpf.Key]GroupID
+	leader   bool
+	// reports holds every node's latest activity report per group key.
+	reports map[string]map[string]consul.ActivityReport
+	local   map[netip.Addr]bool
+	// localRefreshed is when local was last read.
+	localRefreshed time.Time
+	// pending are gate events for keys not yet known (just after a restart).
+	pending []pendingEvent
+	// allocGroups caches allocation → group lookups.
+	allocGroups map[string]GroupID
+
+	closeOnce sync.Once
+}
+
+type pendingEvent struct {
+	ev    bpf.Event
+	since time.Time
+}
+
+// NewAgent builds an agent; Run starts it.
+func NewAgent(cfg Config) *Agent {
+	cfg.setDefaults()
+	a := &Agent{
+		cfg:         cfg,
+		logger:      cfg.Logger.Named("scaling"),
+		clock:       cfg.Clock,
+		inbox:       make(chan func(), 256),
+		groups:      make(map[GroupID]*group),
+		keyIndex:    make(map[bpf.Key]GroupID),
+		reports:     make(map[string]map[string]consul.ActivityReport),
+		allocGroups: make(map[string]GroupID),
+	}
+	a.node = cfg.Cluster.NodeName()
+	a.refreshLocal(true)
+	return a
+}
+
+// Do queues f to run on the agent's goroutine (for watchers and callbacks).
+func (a *Agent) Do(ctx context.Context, f func()) {
+	select {
+	case a.inbox <- f:
+	case <-ctx.Done():
+	}
+}
+
+// Run handles inputs and ticks until ctx ends.
+func (a *Agent) Run(ctx context.Context, events <-chan bpf.Event) {
+	tick := time.NewTicker(a.cfg.TickInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case f := <-a.inbox:
+			f()
+		case ev, ok := <-events:
+			if !ok {
+				events = nil
+				continue
+			}
+			a.OnGateEvent(ev)
+		case <-tick.C:
+			a.Tick()
+		}
+	}
+}
+
+// OnLeader records whether this node decides scale-downs.
+func (a *Agent) OnLeader(leader bool) {
+	a.leader = leader
+	if leader {
+		a.cfg.Metrics.Leader.Set(1)
+	} else {
+		a.cfg.Metrics.Leader.Set(0)
+		for _, g := range a.groups {
+			g.parkDeadline = time.Time{}
+		}
+	}
+}
+
+// OnActivityReports replaces the view of all nodes' reports.
+func (a *Agent) OnActivityReports(all map[string]map[string]consul.ActivityReport) {
+	a.reports = all
+}
+
+// OnGroupStates applies the cluster's group records.
+func (a *Agent) OnGroupStates(states map[string]consul.GroupState) {
+	for _, g := range a.groups {
+		st, ok := states[g.id.Key()]
+		if !ok {
+			st = consul.GroupState{Phase: consul.PhaseAwake}
+		}
+		a.setState(g, st)
+	}
+}
+
+// OnInstances applies a service's current instances from Consul.
+func (a *Agent) OnInstances(service string, instances []consul.Instance) {
+	byGroup := make(map[GroupID][]consul.Instance)
+	for _, inst := range instances {
+		var id GroupID
+		switch {
+		case inst.Asleep:
+			id = GroupID{Namespace: inst.Meta[consul.MetaNamespace], Job: inst.Meta[consul.MetaJob], Group: inst.Meta[consul.MetaGroup]}
+		case inst.AllocID != "":
+			gid, ok := a.allocGroups[inst.AllocID]
+			if !ok {
+				var err error
+				gid, err = a.cfg.Nomad.AllocGroup(inst.AllocID)
+				if err != nil {
+					a.logger.Debug("cannot resolve the allocation of an instance", "service", service, "alloc_id", inst.AllocID, "error", err)
+					continue
+				}
+				a.allocGroups[inst.AllocID] = gid
+			}
+			id = gid
+		default:
+			continue // not registered by Nomad nor by us
+		}
+		byGroup[id] = append(byGroup[id], inst)
+	}
+	for id, g := range a.groups {
+		if !g.services[service] {
+			continue
+		}
+		a.setInstances(g, service, byGroup[id])
+	}
+	a.reindex()
+}
+
+// OnGateEvent handles a kernel report.
+func (a *Agent) OnGateEvent(ev bpf.Event) {
+	if ev.Is(bpf.EventListen) {
+		a.onListen(ev)
+		return
+	}
+	id, ok := a.keyIndex[ev.Key]
+	if !ok {
+		a.pending = append(a.pending, pendingEvent{ev: ev, since: a.clock.Now()})
+		return
+	}
+	g := a.groups[id]
+	if ev.Is(bpf.EventCapture) {
+		a.capture(g, ev)
+	}
+	a.onConnect(g, ev)
+}
+
+// Tick advances timers: activity reports, the leader's idle checks and
+// parking, wake retries and deadlines, gate and placeholder upkeep.
+func (a *Agent) Tick() {
+	now := a.clock.Now()
+	a.refreshLocal(false)
+	a.retryPending(now)
+	for _, g := range a.groups {
+		a.publishActivity(g, now)
+		if a.leader && g.policy != nil {
+			a.leaderDuties(g, now)
+		}
+		a.wakeDuties(g, now)
+		a.expireCaptures(g, now)
+		a.syncGate(g)
+		a.syncPlaceholders(g, now)
+	}
+	a.updateGauges()
+}
+
+func (a *Agent) refreshLocal(force bool) {
+	now := a.clock.Now()
+	if !force && now.Sub(a.localRefreshed) < 30*time.Second {
+		return
+	}
+	addrs, err := a.cfg.LocalAddrs()
+	if err != nil {
+		a.logger.Warn("cannot list local addresses", "error", err)
+		return
+	}
+	a.local = addrs
+	a.localRefreshed = now
+}
+
+func (a *Agent) isLocal(addr netip.Addr) bool { return a.local[addr.Unmap()] }
+
+func (a *Agent) retryPending(now time.Time) {
+	if len(a.pending) == 0 {
+		return
+	}
+	keep := a.pending[:0]
+	for _, p := range a.pending {
+		if id, ok := a.keyIndex[p.ev.Key]; ok {
+			g := a.groups[id]
+			if p.ev.Is(bpf.EventCapture) {
+				a.capture(g, p.ev)
+			}
+			a.onConnect(g, p.ev)
+			continue
+		}
+		if now.Sub(p.since) < 30*time.Second {
+			keep = append(keep, p)
+		}
+	}
+	a.pending = keep
+}
+
+// reindex rebuilds the key → group index.
+func (a *Agent) reindex() {
+	idx := make(map[bpf.Key]GroupID)
+	for id, g := range a.groups {
+		for k := range g.keys() {
+			idx[k] = id
+		}
+	}
+	a.keyIndex = idx
+}
+
+func (a *Agent) updateGauges() {
+	phases := map[consul.Phase]int{}
+	parked := 0
+	for _, g := range a.groups {
+		phases[g.state.Phase]++
+		for _, s := range g.applied {
+			if s == bpf.StateParked {
+				parked++
+			}
+		}
+	}
+	for _, p := range []consul.Phase{consul.PhaseAwake, consul.PhaseParking, consul.PhaseAsleep, consul.PhaseWaking} {
+		a.cfg.Metrics.GroupsByPhase.WithLabelValues(string(p)).Set(float64(phases[p]))
+	}
+	a.cfg.Metrics.ParkedAddresses.Set(float64(parked))
+}
+
+// swap changes a group's phase with check-and-set; on a lost race it adopts
+// the winner's state and returns ErrConflict.
+func (a *Agent) swap(g *group, next consul.GroupState) error {
+	next.By = a.node
+	st, err := a.cfg.Cluster.SwapGroupState(g.id.Key(), g.state, next)
+	if err != nil {
+		if errors.Is(err, consul.ErrConflict) {
+			if cur, rerr := a.cfg.Cluster.GroupState(g.id.Key()); rerr == nil {
+				a.setState(g, cur)
+			}
+			return err
+		}
+		a.cfg.Metrics.Errors.WithLabelValues("consul").Inc()
+		return err
+	}
+	a.setState(g, st)
+	return nil
+}

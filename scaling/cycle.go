@@ -1,0 +1,413 @@
+package scaling
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
+	"github.com/zeroscale/nomad-driver-zeroscale/consul"
+)
+
+// ---------------------------------------------------------------- sleeping
+
+// leaderDuties runs on the elected node: spot idle groups, drive parking to
+// its end, and unstick wakes whose node vanished.
+func (a *Agent) leaderDuties(g *group, now time.Time) {
+	if now.Sub(g.specRead) > time.Minute {
+		a.refreshSpec(g, now)
+	}
+	switch g.state.Phase {
+	case consul.PhaseAwake:
+		a.idleCheck(g, now)
+	case consul.PhaseParking:
+		a.parkingProgress(g, now)
+	case consul.PhaseWaking:
+		// The waking node handles its deadline; if it died, the leader does.
+		if g.wake == nil && now.Sub(g.state.Since) > g.policy.WakeTimeout+30*time.Second {
+			a.wakeTimedOut(g, now)
+		}
+	}
+}
+
+// union combines every node's fresh report with this node's own reading.
+func (a *Agent) union(g *group, now time.Time) (established int64, lastActive time.Time, reports map[string]consul.ActivityReport) {
+	reports = make(map[string]consul.ActivityReport)
+	for node, r := range a.reports[g.id.Key()] {
+		if node == a.node || now.Sub(r.Reported) > a.cfg.ReportMaxAge {
+			continue
+		}
+		reports[node] = r
+	}
+	reports[a.node] = a.localReport(g, now)
+	for _, r := range reports {
+		established += r.Established
+		if r.LastActive.After(lastActive) {
+			lastActive = r.LastActive
+		}
+	}
+	return established, lastActive, reports
+}
+
+func (a *Agent) idleCheck(g *group, now time.Time) {
+	if now.Before(g.nextIdleCheck) {
+		return
+	}
+	established, lastActive, _ := a.union(g, now)
+	since := lastActive
+	for _, t := range []time.Time{g.firstSeen, g.awakeAt} {
+		if t.After(since) {
+			since = t
+		}
+	}
+	idle := now.Sub(since)
+	if established > 0 || idle < g.policy.IdleTimeout {
+		return
+	}
+	a.startParking(g, now, idle)
+}
+
+func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
+	status, err := a.cfg.Nomad.ScaleStatus(g.id)
+	if err != nil {
+		a.logger.Warn("cannot read the group's count", "group", g.id, "error", err)
+		a.cfg.Metrics.Errors.WithLabelValues("nomad").Inc()
+		g.nextIdleCheck = now.Add(10 * time.Second)
+		return
+	}
+	if status.Desired > g.policy.WakeCount {
+		// Above wake_count the Nomad Autoscaler owns the count.
+		a.logger.Debug("idle but scaled above wake_count; left to the autoscaler", "group", g.id, "count", status.Desired)
+		g.nextIdleCheck = now.Add(g.policy.IdleTimeout)
+		return
+	}
+	var addrs []consul.Address
+	for k, inst := range g.liveKeys() {
+		addrs = append(addrs, consul.Address{Service: inst.Service, Addr: k.String(), Node: inst.Node})
+	}
+	sort.Slice(addrs, func(i, j int) bool { return addrs[i].Addr < addrs[j].Addr })
+	if len(addrs) == 0 && status.Desired > 0 {
+		a.logger.Debug("idle but no registered address to gate", "group", g.id)
+		g.nextIdleCheck = now.Add(10 * time.Second)
+		return
+	}
+	reason := "idle for " + idle.Round(time.Second).String()
+	if a.cfg.DryRun {
+		a.logger.Info("dry run: would scale the group to 0", "group", g.id, "reason", reason)
+		a.cfg.Metrics.DryRunDecisions.WithLabelValues("sleep").Inc()
+		g.nextIdleCheck = now.Add(g.policy.IdleTimeout)
+		return
+	}
+	next := consul.GroupState{
+		Phase: consul.PhaseParking, Epoch: g.state.Epoch + 1, Since: now, Addresses: addrs, Reason: reason,
+	}
+	if err := a.swap(g, next); err != nil {
+		a.logger.Debug("could not start parking", "group", g.id, "error", err)
+		return
+	}
+	g.parkDeadline = now.Add(a.cfg.ParkAckTimeout)
+	a.logger.Info("parking idle group", "group", g.id, "reason", reason, "addresses", len(addrs))
+}
+
+// parkingProgress waits until every node serving an address has closed its
+// gate, re-checks activity, then commits: state asleep first, so a connect
+// racing with the scale-down becomes a wake, then Scale(0).
+func (a *Agent) parkingProgress(g *group, now time.Time) {
+	if g.parkDeadline.IsZero() {
+		g.parkDeadline = g.state.Since.Add(a.cfg.ParkAckTimeout)
+	}
+	_, _, reports := a.union(g, now)
+	var missing []string
+	busy := ""
+	for _, node := range nodesOf(g.state.Addresses, a.node) {
+		r, ok := reports[node]
+		if !ok || r.ParkedEpoch != g.state.Epoch {
+			missing = append(missing, node)
+			continue
+		}
+		if r.Established > 0 || r.LastActive.After(g.state.Since.Add(-g.policy.IdleTimeout)) {
+			busy = node
+		}
+	}
+	switch {
+	case busy != "":
+		a.undoParking(g, "traffic on "+busy+" while parking")
+	case len(missing) > 0 && now.After(g.parkDeadline):
+		a.undoParking(g, "parking not acknowledged by "+strings.Join(missing, ", "))
+	case len(missing) > 0:
+		// wait
+	case now.Sub(g.state.Since) < a.cfg.TickInterval:
+		// Let connections that slipped in before the gate closed establish.
+	default:
+		a.commitSleep(g, now)
+	}
+}
+
+func nodesOf(addrs []consul.Address, self string) []string {
+	set := map[string]bool{}
+	for _, ad := range addrs {
+		n := ad.Node
+		if n == "" {
+			n = self
+		}
+		set[n] = true
+	}
+	if len(set) == 0 {
+		set[self] = true
+	}
+	out := make([]string, 0, len(set))
+	for n := range set {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (a *Agent) undoParking(g *group, reason string) {
+	next := g.state
+	next.Phase, next.Reason = consul.PhaseAwake, reason
+	next.Since = a.clock.Now()
+	if err := a.swap(g, next); err != nil {
+		return
+	}
+	a.cfg.Metrics.ParkingUndone.WithLabelValues(g.id.Namespace, g.id.Job, g.id.Group).Inc()
+	a.logger.Info("parking undone", "group", g.id, "reason", reason)
+	// Do not try again at once: traffic restarts the idle clock anyway, and
+	// a node that did not answer gets time to recover.
+	g.nextIdleCheck = a.clock.Now().Add(30 * time.Second)
+}
+
+func (a *Agent) commitSleep(g *group, now time.Time) {
+	asleep := g.state
+	asleep.Phase = consul.PhaseAsleep
+	if err := a.swap(g, asleep); err != nil {
+		return // someone woke it meanwhile
+	}
+	zero := 0
+	msg := "zeroscale: " + g.state.Reason
+	err := a.cfg.Nomad.Scale(g.id, &zero, msg, false, map[string]any{"zeroscale": "sleep", "node": a.node})
+	if err != nil {
+		a.cfg.Metrics.Errors.WithLabelValues("scale_down").Inc()
+		back := g.state
+		back.Phase, back.Since, back.Reason = consul.PhaseAwake, now, "scale-down failed: "+err.Error()
+		awakeAt := g.awakeAt // it never slept: the idle clock goes on
+		if serr := a.swap(g, back); serr != nil {
+			a.logger.Warn("cannot revert a failed scale-down", "group", g.id, "error", serr)
+		}
+		g.awakeAt = awakeAt
+		if IsDeploymentBlock(err) {
+			a.logger.Info("scale-down blocked by an active deployment; will retry", "group", g.id)
+			g.nextIdleCheck = now.Add(30 * time.Second)
+			return
+		}
+		a.reportOnce(g, "scale-down-"+err.Error(), true, "zeroscale: could not scale to 0: "+err.Error())
+		g.nextIdleCheck = now.Add(g.policy.IdleTimeout)
+		return
+	}
+	a.cfg.Metrics.Sleeps.WithLabelValues(g.id.Namespace, g.id.Job, g.id.Group).Inc()
+	a.logger.Info("group asleep", "group", g.id, "reason", g.state.Reason)
+}
+
+// ---------------------------------------------------------------- waking
+
+type wakeAttempt struct {
+	firstSYN  time.Time     // wall time of the first SYN
+	firstMono time.Duration // kernel time of the first SYN (this node)
+	from      netip.AddrPort
+	started   time.Time
+	deadline  time.Time
+	winner    bool // this node won the wake and owns the Scale call
+	scaled    bool
+	nextTry   time.Time
+	tries     int
+	failed    string // a non-retryable failure, reported once
+}
+
+// onConnect handles a SYN dropped at a parked address of g.
+func (a *Agent) onConnect(g *group, ev bpf.Event) {
+	if g.policy == nil {
+		return
+	}
+	now := a.clock.Now()
+	switch g.state.Phase {
+	case consul.PhaseAwake:
+		a.syncGate(g) // our gate lags the cluster state
+	case consul.PhaseParking:
+		a.undoParking(g, "connect from "+ev.Source.String()+" while parking")
+		if g.state.Phase == consul.PhaseAsleep { // lost to the commit: wake instead
+			a.onConnect(g, ev)
+		}
+	case consul.PhaseAsleep:
+		next := g.state
+		next.Phase, next.Since, next.FirstSYN = consul.PhaseWaking, now, ev.Time
+		next.Reason = "connect from " + ev.Source.String()
+		wake := &wakeAttempt{firstSYN: ev.Time, firstMono: ev.Mono, from: ev.Source, started: now,
+			deadline: now.Add(g.policy.WakeTimeout)}
+		if a.cfg.DryRun {
+			a.cfg.Metrics.DryRunDecisions.WithLabelValues("wake").Inc()
+			return
+		}
+		if err := a.swap(g, next); err != nil {
+			if errors.Is(err, consul.ErrConflict) {
+				return // another node is waking it
+			}
+			// Consul unreachable: do not lose the wake; Nomad's count check
+			// keeps concurrent wakers from scaling twice.
+			a.logger.Warn("cannot record the wake in Consul; waking anyway", "group", g.id, "error", err)
+		}
+		wake.winner = true
+		g.wake = wake
+		a.logger.Info("waking group", "group", g.id, "from", ev.Source, "wake_count", g.policy.WakeCount)
+		a.tryScaleUp(g, now)
+	case consul.PhaseWaking:
+		if g.wake != nil && g.wake.firstMono == 0 && ev.Mono != 0 {
+			g.wake.firstMono = ev.Mono
+		}
+	}
+}
+
+// tryScaleUp scales the group to wake_count if Nomad still has it at zero.
+func (a *Agent) tryScaleUp(g *group, now time.Time) {
+	w := g.wake
+	if w == nil || !w.winner || w.failed != "" {
+		return
+	}
+	w.tries++
+	status, err := a.cfg.Nomad.ScaleStatus(g.id)
+	if err != nil {
+		a.cfg.Metrics.Errors.WithLabelValues("nomad").Inc()
+		w.nextTry = now.Add(backoff(w.tries))
+		a.logger.Warn("cannot read the group's count; retrying", "group", g.id, "error", err)
+		return
+	}
+	if status.Desired > 0 {
+		w.scaled = true
+		w.nextTry = now.Add(2 * time.Second) // keep an eye on it: a racing scale-down may land
+		return
+	}
+	count := g.policy.WakeCount
+	msg := "zeroscale: wake on connect from " + w.from.String()
+	err = a.cfg.Nomad.Scale(g.id, &count, msg, false, map[string]any{
+		"zeroscale": "wake", "node": a.node, "source": w.from.String(),
+	})
+	if err == nil {
+		w.scaled = true
+		w.nextTry = now.Add(2 * time.Second)
+		a.cfg.Metrics.Wakes.WithLabelValues(g.id.Namespace, g.id.Job, g.id.Group).Inc()
+		return
+	}
+	a.cfg.Metrics.Errors.WithLabelValues("scale_up").Inc()
+	if Retryable(err) {
+		w.nextTry = now.Add(backoff(w.tries))
+		a.logger.Info("wake scale-up refused for now; retrying", "group", g.id, "error", err, "retry_in", w.nextTry.Sub(now))
+		return
+	}
+	w.failed = err.Error()
+	a.reportOnce(g, "wake-failed-"+err.Error(), true, "zeroscale: wake failed: "+err.Error())
+}
+
+func backoff(tries int) time.Duration {
+	d := 500 * time.Millisecond << min(tries, 6)
+	return min(d, 15*time.Second)
+}
+
+// wakeDuties retries the scale-up and enforces wake_timeout.
+func (a *Agent) wakeDuties(g *group, now time.Time) {
+	w := g.wake
+	if w == nil || g.state.Phase != consul.PhaseWaking || g.policy == nil {
+		return
+	}
+	if now.After(w.deadline) {
+		if w.winner {
+			a.wakeTimedOut(g, now)
+		}
+		return
+	}
+	if w.winner && !w.nextTry.IsZero() && !now.Before(w.nextTry) {
+		a.tryScaleUp(g, now)
+	}
+}
+
+func (a *Agent) wakeTimedOut(g *group, now time.Time) {
+	msg := fmt.Sprintf("zeroscale: not ready within wake_timeout %s after the connect; staying parked", g.policy.WakeTimeout)
+	if g.wake != nil && g.wake.failed != "" {
+		msg += " (" + g.wake.failed + ")"
+	}
+	a.cfg.Metrics.Errors.WithLabelValues("wake_timeout").Inc()
+	a.logger.Error(msg, "group", g.id)
+	if err := a.cfg.Nomad.Scale(g.id, nil, msg, true, map[string]any{"zeroscale": "wake_timeout", "node": a.node}); err != nil {
+		a.logger.Warn("cannot record a scaling event", "group", g.id, "error", err)
+	}
+	back := g.state
+	back.Phase, back.Since, back.Reason = consul.PhaseAsleep, now, "wake timed out"
+	g.wake = nil
+	if err := a.swap(g, back); err != nil {
+		a.logger.Debug("wake timeout: state changed meanwhile", "group", g.id, "error", err)
+	}
+}
+
+// onListen handles a socket starting to listen on a watched port.
+func (a *Agent) onListen(ev bpf.Event) {
+	for _, g := range a.groups {
+		if g.policy == nil || !g.sleeping() || g.state.Phase == consul.PhaseParking {
+			continue
+		}
+		var ready []bpf.Key
+		for k := range g.parkedKeys() {
+			if k.Port != ev.Key.Port || !a.isLocal(k.Addr) {
+				continue
+			}
+			la := ev.Key.Addr
+			if la == k.Addr || (la.IsUnspecified() && (la.Is6() || k.Addr.Is4())) {
+				ready = append(ready, k)
+			}
+		}
+		if len(ready) > 0 && g.policy.Ready == ReadyListen {
+			a.markReady(g, ready, "listening")
+		}
+	}
+}
+
+// markReady opens the gate for keys that have a listener (or a healthy
+// instance), replays the SYNs captured for them and marks the group awake.
+func (a *Agent) markReady(g *group, keys []bpf.Key, how string) {
+	now := a.clock.Now()
+	for _, k := range keys {
+		g.readyKeys[k] = true
+	}
+	a.syncGate(g)
+	openMono := bpf.MonotonicNow() // kernel clock, like the SYN's stamp
+
+	var gateLatency time.Duration
+	first := g.state.FirstSYN
+	if g.wake != nil {
+		first = g.wake.firstSYN
+		if g.wake.firstMono > 0 {
+			gateLatency = openMono - g.wake.firstMono
+		}
+	}
+	if gateLatency <= 0 && !first.IsZero() {
+		gateLatency = now.Sub(first)
+	}
+	if gateLatency > 0 {
+		a.cfg.Metrics.WakeLatency.WithLabelValues("gate_open").Observe(gateLatency.Seconds())
+	}
+	a.replayKeys(g, keys, gateLatency)
+
+	if g.state.Phase == consul.PhaseAwake {
+		return
+	}
+	next := g.state
+	next.Phase, next.Since = consul.PhaseAwake, now
+	next.Reason = "ready (" + how + ")"
+	if gateLatency > 0 {
+		next.Reason += " " + gateLatency.Round(time.Millisecond).String() + " after the first SYN"
+	}
+	if err := a.swap(g, next); err != nil && !errors.Is(err, consul.ErrConflict) {
+		a.logger.Warn("cannot record that the group is awake", "group", g.id, "error", err)
+	}
+	a.logger.Info("group awake", "group", g.id, "ready", how, "gate_open_after", gateLatency)
+}

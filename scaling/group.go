@@ -1,0 +1,344 @@
+package scaling
+
+import (
+	"fmt"
+	"net/netip"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
+	"github.com/zeroscale/nomad-driver-zeroscale/consul"
+)
+
+// group is one gated task group as this node sees it.
+type group struct {
+	id GroupID
+
+	policy      *Policy
+	policyIndex uint64 // ModifyIndex of the policy last read
+	// reported remembers which policy/job versions were already reported
+	// (invalid policy, address warnings), so each is reported once.
+	reported    map[string]bool
+	spec        GroupSpec
+	specRead    time.Time
+	services    map[string]bool
+	firstSeen   time.Time
+	instances   map[string][]consul.Instance // Nomad instances by service
+	placeholder map[string][]consul.Instance // placeholder instances by service
+
+	state consul.GroupState
+
+	// Leader bookkeeping.
+	nextIdleCheck time.Time
+	parkDeadline  time.Time
+
+	// This node's bookkeeping.
+	applied     map[bpf.Key]bpf.State // what this node set in its gate
+	readyKeys   map[bpf.Key]bool      // opened here during a wake
+	parkedEpoch uint64                // the parking epoch this node has applied
+	lastReport  consul.ActivityReport
+	lastReportT time.Time
+	wake        *wakeAttempt
+	captures    map[bpf.Key][]capture
+	registered  map[string]consul.Placeholder // placeholders this node keeps
+	awakeAt     time.Time
+}
+
+type capture struct {
+	source  netip.AddrPort
+	frame   []byte
+	ifindex int
+	at      time.Time
+}
+
+func newGroup(id GroupID, now time.Time) *group {
+	return &group{
+		id:          id,
+		reported:    make(map[string]bool),
+		services:    make(map[string]bool),
+		firstSeen:   now,
+		instances:   make(map[string][]consul.Instance),
+		placeholder: make(map[string][]consul.Instance),
+		state:       consul.GroupState{Phase: consul.PhaseAwake},
+		applied:     make(map[bpf.Key]bpf.State),
+		readyKeys:   make(map[bpf.Key]bool),
+		captures:    make(map[bpf.Key][]capture),
+		registered:  make(map[string]consul.Placeholder),
+	}
+}
+
+// liveKeys are the addresses of the group's Nomad-registered instances.
+func (g *group) liveKeys() map[bpf.Key]consul.Instance {
+	out := make(map[bpf.Key]consul.Instance)
+	for _, insts := range g.instances {
+		for _, inst := range insts {
+			out[bpf.KeyFrom(inst.AddrPort())] = inst
+		}
+	}
+	return out
+}
+
+// parkedKeys are the addresses recorded when the group was parked.
+func (g *group) parkedKeys() map[bpf.Key]consul.Address {
+	out := make(map[bpf.Key]consul.Address)
+	for _, a := range g.state.Addresses {
+		if ap, err := netip.ParseAddrPort(a.Addr); err == nil {
+			out[bpf.KeyFrom(ap)] = a
+		}
+	}
+	return out
+}
+
+// keys are every address the group is known by.
+func (g *group) keys() map[bpf.Key]bool {
+	out := make(map[bpf.Key]bool)
+	for k := range g.liveKeys() {
+		out[k] = true
+	}
+	for k := range g.parkedKeys() {
+		out[k] = true
+	}
+	for _, insts := range g.placeholder {
+		for _, inst := range insts {
+			out[bpf.KeyFrom(inst.AddrPort())] = true
+		}
+	}
+	return out
+}
+
+func (g *group) sleeping() bool {
+	switch g.state.Phase {
+	case consul.PhaseParking, consul.PhaseAsleep, consul.PhaseWaking:
+		return true
+	}
+	return false
+}
+
+// OnPolicies applies the list of Nomad scaling policies: new and changed
+// zeroscale policies are read and validated; groups whose policy went away
+// are released.
+func (a *Agent) OnPolicies(stubs []PolicyStub) {
+	now := a.clock.Now()
+	seen := make(map[GroupID]bool)
+	for _, stub := range stubs {
+		if !stub.Enabled {
+			continue
+		}
+		g, known := a.groups[stub.Target]
+		if known && g.policyIndex == stub.ModifyIndex {
+			seen[stub.Target] = true
+			continue
+		}
+		data, err := a.cfg.Nomad.Policy(stub.ID)
+		if err != nil {
+			a.logger.Warn("cannot read scaling policy", "policy", stub.ID, "group", stub.Target, "error", err)
+			if known {
+				seen[stub.Target] = true // keep what we have
+			}
+			continue
+		}
+		if !HasZeroscaleBlock(data) {
+			continue
+		}
+		if !known {
+			g = newGroup(stub.Target, now)
+			a.groups[stub.Target] = g
+		}
+		seen[stub.Target] = true
+		g.policyIndex = stub.ModifyIndex
+		policy, err := ParsePolicy(data)
+		if err != nil {
+			// A broken edit must not strand a sleeping service: keep acting
+			// on the last valid version, if any.
+			keeping := ""
+			if g.policy != nil {
+				keeping = "; the previous version stays in force"
+			}
+			a.reportOnce(g, fmt.Sprintf("policy-%d", stub.ModifyIndex), true,
+				"zeroscale: invalid policy, ignored until fixed: "+err.Error()+keeping)
+			continue
+		}
+		if g.policy == nil {
+			a.logger.Info("gating group", "group", g.id, "idle_timeout", policy.IdleTimeout,
+				"wake_count", policy.WakeCount, "ready", policy.Ready)
+		}
+		g.policy = &policy
+		a.refreshSpec(g, now)
+		if !known {
+			// Pick up where the cluster is (after a restart: maybe asleep).
+			if st, err := a.cfg.Cluster.GroupState(g.id.Key()); err == nil {
+				a.setState(g, st)
+			} else {
+				a.logger.Warn("cannot read group state", "group", g.id, "error", err)
+			}
+		}
+	}
+	for id, g := range a.groups {
+		if !seen[id] {
+			a.release(g)
+		}
+	}
+	a.reindex()
+}
+
+// Services lists the Consul services the gated groups register, for the
+// instance watch.
+func (a *Agent) Services() []string {
+	set := map[string]bool{}
+	for _, g := range a.groups {
+		for s := range g.services {
+			set[s] = true
+		}
+	}
+	out := make([]string, 0, len(set))
+	for s := range set {
+		out = append(out, s)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// refreshSpec reads the group's job spec and warns about addresses that
+// cannot stay stable.
+func (a *Agent) refreshSpec(g *group, now time.Time) {
+	spec, err := a.cfg.Nomad.Group(g.id)
+	if err != nil {
+		a.logger.Warn("cannot read the group's job", "group", g.id, "error", err)
+		return
+	}
+	g.spec, g.specRead = spec, now
+	g.services = make(map[string]bool)
+	var problems []string
+	for _, s := range spec.Services {
+		if s.Provider != "consul" {
+			problems = append(problems, fmt.Sprintf("service %q uses provider %q; zeroscale gates Consul services only", s.Name, s.Provider))
+			continue
+		}
+		g.services[s.Name] = true
+		if s.StaticPort == 0 {
+			problems = append(problems, fmt.Sprintf("service %q uses the dynamic port %q; give it a static port so it wakes at the same address", s.Name, s.PortLabel))
+		}
+	}
+	if len(spec.Services) == 0 {
+		problems = append(problems, "the group registers no Consul service, so there is no address to gate")
+	}
+	if !spec.Pinned {
+		problems = append(problems, "the group is not pinned to a node (constraint on ${node.unique.name}); it may wake on another node at another address")
+	}
+	if len(problems) > 0 {
+		a.reportOnce(g, fmt.Sprintf("spec-%d-%d", g.policyIndex, spec.JobModified), true,
+			"zeroscale: warning: "+strings.Join(problems, "; "))
+	}
+}
+
+// reportOnce records an error scaling event and a log line, once per key.
+func (a *Agent) reportOnce(g *group, key string, isError bool, msg string) {
+	if g.reported[key] {
+		return
+	}
+	g.reported[key] = true
+	if isError {
+		a.logger.Error(msg, "group", g.id)
+		a.cfg.Metrics.Errors.WithLabelValues("policy").Inc()
+	} else {
+		a.logger.Info(msg, "group", g.id)
+	}
+	if err := a.cfg.Nomad.Scale(g.id, nil, msg, isError, map[string]any{"zeroscale": "report", "node": a.node}); err != nil {
+		a.logger.Warn("cannot record a scaling event", "group", g.id, "error", err)
+	}
+}
+
+// release stops gating a group whose policy is gone.
+func (a *Agent) release(g *group) {
+	a.logger.Info("releasing group: no zeroscale policy any more", "group", g.id)
+	for k := range g.applied {
+		if !a.cfg.DryRun {
+			if err := a.cfg.Gate.Forget(k); err != nil {
+				a.logger.Warn("cannot remove gate entry", "address", k, "error", err)
+			}
+		}
+	}
+	for id, p := range g.registered {
+		if err := a.cfg.Cluster.DeregisterPlaceholder(p); err != nil {
+			a.logger.Warn("cannot remove placeholder", "placeholder", p, "error", err)
+		}
+		delete(g.registered, id)
+	}
+	if a.leader && g.state.Index != 0 {
+		if err := a.cfg.Cluster.DeleteGroupState(g.id.Key()); err != nil {
+			a.logger.Warn("cannot delete group state", "group", g.id, "error", err)
+		}
+	}
+	delete(a.groups, g.id)
+}
+
+func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) {
+	var live, asleep []consul.Instance
+	for _, inst := range insts {
+		if inst.Asleep {
+			asleep = append(asleep, inst)
+		} else {
+			live = append(live, inst)
+		}
+	}
+	g.instances[service] = live
+	g.placeholder[service] = asleep
+	if g.policy == nil {
+		return
+	}
+	// A passing real instance at a parked address means the group is up:
+	// with ready = "healthy" that is the signal; with "listen" it is the
+	// fallback when the listen event was missed.
+	if g.sleeping() {
+		parked := g.parkedKeys()
+		var ready []bpf.Key
+		for _, inst := range live {
+			k := bpf.KeyFrom(inst.AddrPort())
+			if _, ok := parked[k]; ok && inst.Passing {
+				ready = append(ready, k)
+			}
+		}
+		if len(ready) > 0 && g.state.Phase != consul.PhaseParking {
+			a.markReady(g, ready, "healthy in Consul")
+		}
+	}
+	a.syncGate(g)
+}
+
+// setState adopts a group record and acts on the phase change.
+func (a *Agent) setState(g *group, st consul.GroupState) {
+	old := g.state
+	if st.Index != 0 && st.Index == old.Index && st.Phase == old.Phase {
+		return
+	}
+	g.state = st
+	if st.Phase == old.Phase && st.Epoch == old.Epoch {
+		return
+	}
+	now := a.clock.Now()
+	a.logger.Debug("group phase", "group", g.id, "from", old.Phase, "to", st.Phase, "by", st.By, "reason", st.Reason)
+	switch st.Phase {
+	case consul.PhaseAwake:
+		if old.Phase == consul.PhaseAsleep || old.Phase == consul.PhaseWaking {
+			g.awakeAt = now // the idle clock starts again from the wake
+		}
+		g.wake = nil
+		g.parkDeadline = time.Time{}
+		a.syncGate(g)
+		a.replayAll(g)
+		clear(g.readyKeys)
+	case consul.PhaseParking, consul.PhaseAsleep:
+		clear(g.readyKeys)
+		a.syncGate(g)
+		a.publishActivity(g, now)
+	case consul.PhaseWaking:
+		if st.By == a.node && g.wake == nil && g.policy != nil {
+			// Our own wake from before a restart: carry on with it.
+			g.wake = &wakeAttempt{firstSYN: st.FirstSYN, started: now, deadline: now.Add(g.policy.WakeTimeout), winner: true}
+		}
+		a.syncGate(g)
+	}
+	a.syncPlaceholders(g, now)
+	a.reindex()
+}

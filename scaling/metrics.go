@@ -1,0 +1,69 @@
+package scaling
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the agent's Prometheus series.
+type Metrics struct {
+	Wakes           *prometheus.CounterVec
+	Sleeps          *prometheus.CounterVec
+	ParkingUndone   *prometheus.CounterVec
+	WakeLatency     *prometheus.HistogramVec
+	ParkedAddresses prometheus.Gauge
+	Errors          *prometheus.CounterVec
+	Leader          prometheus.Gauge
+	Replays         *prometheus.CounterVec
+	CapturesDropped prometheus.Counter
+	DryRunDecisions *prometheus.CounterVec
+	GroupsByPhase   *prometheus.GaugeVec
+}
+
+// NewMetrics creates the series and registers them on reg (nil: a private
+// registry, for tests).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	m := &Metrics{
+		Wakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "zeroscale_wakes_total", Help: "Scale-ups from zero triggered by a connection.",
+		}, []string{"namespace", "job", "group"}),
+		Sleeps: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "zeroscale_sleeps_total", Help: "Scale-downs to zero of idle groups.",
+		}, []string{"namespace", "job", "group"}),
+		ParkingUndone: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "zeroscale_parking_undone_total", Help: "Parking attempts abandoned because traffic came.",
+		}, []string{"namespace", "job", "group"}),
+		WakeLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "zeroscale_wake_latency_seconds",
+			Help:    "From the first SYN to the gate opening (stage=gate_open) and to the replayed SYN being accepted (stage=replay_accepted).",
+			Buckets: []float64{0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 120},
+		}, []string{"stage"}),
+		ParkedAddresses: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "zeroscale_parked_addresses", Help: "Service addresses whose gate is parked on this node.",
+		}),
+		Errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "zeroscale_errors_total", Help: "Errors by kind.",
+		}, []string{"kind"}),
+		Leader: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "zeroscale_leader", Help: "1 when this node decides scale-downs.",
+		}),
+		Replays: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "zeroscale_syn_replays_total",
+			Help: "Captured SYNs by replay outcome (passed, already_connected, fallback_retransmit, too_old, unsupported).",
+		}, []string{"result"}),
+		CapturesDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "zeroscale_syn_captures_dropped_total", Help: "Captured SYNs dropped because a parked address held too many.",
+		}),
+		DryRunDecisions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "zeroscale_dry_run_decisions_total", Help: "What dry_run mode would have done.",
+		}, []string{"action"}),
+		GroupsByPhase: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "zeroscale_groups", Help: "Gated groups by phase.",
+		}, []string{"phase"}),
+	}
+	reg.MustRegister(m.Wakes, m.Sleeps, m.ParkingUndone, m.WakeLatency, m.ParkedAddresses, m.Errors,
+		m.Leader, m.Replays, m.CapturesDropped, m.DryRunDecisions, m.GroupsByPhase)
+	return m
+}

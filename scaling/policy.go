@@ -1,0 +1,235 @@
+// Package scaling decides when a task group sleeps and wakes: it reads
+// zeroscale policies from Nomad's scaling blocks, runs each group's
+// awake → parking → asleep → waking → awake cycle against the gate, Consul and
+// Nomad (each behind a small interface), and reports what it did as Nomad
+// scaling events and Prometheus metrics.
+package scaling
+
+import (
+	"fmt"
+	"math"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/nomad/api"
+	"github.com/zeroscale/nomad-driver-zeroscale/consul"
+)
+
+// GroupID names a task group.
+type GroupID struct {
+	Namespace string
+	Job       string
+	Group     string
+}
+
+func (g GroupID) String() string { return g.Namespace + "/" + g.Job + "/" + g.Group }
+
+// Key is the group's key in Consul's KV store.
+func (g GroupID) Key() string { return consul.GroupKey(g.Namespace, g.Job, g.Group) }
+
+// ReadyMode says when a woken group counts as ready.
+type ReadyMode string
+
+const (
+	// ReadyListen: a socket listens on the parked address (seen in the kernel).
+	ReadyListen ReadyMode = "listen"
+	// ReadyHealthy: the instance's Consul checks pass.
+	ReadyHealthy ReadyMode = "healthy"
+)
+
+// Defaults for fields the policy leaves out.
+const (
+	DefaultIdleTimeout = 10 * time.Minute
+	DefaultWakeCount   = 1
+	DefaultWakeTimeout = 2 * time.Minute
+	DefaultReady       = ReadyListen
+)
+
+// Policy is a validated zeroscale policy for one group.
+type Policy struct {
+	ID          string
+	ModifyIndex uint64
+	Target      GroupID
+	Min, Max    int64
+
+	IdleTimeout time.Duration
+	WakeCount   int
+	WakeTimeout time.Duration
+	Ready       ReadyMode
+}
+
+// PolicyBlock is the name of the block inside `policy { … }`.
+const PolicyBlock = "zeroscale"
+
+// PolicyError is an invalid policy; Field names what to fix.
+type PolicyError struct {
+	Field string
+	Msg   string
+}
+
+func (e *PolicyError) Error() string { return e.Field + ": " + e.Msg }
+
+func fieldErr(field, format string, args ...any) error {
+	return &PolicyError{Field: field, Msg: fmt.Sprintf(format, args...)}
+}
+
+// HasZeroscaleBlock tells whether a Nomad scaling policy is ours.
+func HasZeroscaleBlock(p *api.ScalingPolicy) bool {
+	if p == nil || p.Policy == nil {
+		return false
+	}
+	_, ok := p.Policy[PolicyBlock]
+	return ok
+}
+
+// ParsePolicy validates a Nomad scaling policy that has a zeroscale block.
+// Errors name the field, as in `scaling.policy.zeroscale.idle_timeout`.
+func ParsePolicy(p *api.ScalingPolicy) (Policy, error) {
+	const base = "scaling.policy." + PolicyBlock
+	if p == nil {
+		return Policy{}, fieldErr("scaling", "no policy")
+	}
+	out := Policy{
+		ID:          p.ID,
+		ModifyIndex: p.ModifyIndex,
+		Target: GroupID{
+			Namespace: p.Target["Namespace"],
+			Job:       p.Target["Job"],
+			Group:     p.Target["Group"],
+		},
+		IdleTimeout: DefaultIdleTimeout,
+		WakeCount:   DefaultWakeCount,
+		WakeTimeout: DefaultWakeTimeout,
+		Ready:       DefaultReady,
+	}
+	if out.Target.Namespace == "" {
+		out.Target.Namespace = "default"
+	}
+	if out.Target.Job == "" || out.Target.Group == "" {
+		return out, fieldErr("scaling", "policy %s does not target a job's task group", p.ID)
+	}
+	if p.Type != "" && p.Type != "horizontal" {
+		return out, fieldErr("scaling.type", "%q: zeroscale scales task groups horizontally", p.Type)
+	}
+	if p.Min == nil || *p.Min != 0 {
+		min := "unset"
+		if p.Min != nil {
+			min = fmt.Sprint(*p.Min)
+		}
+		return out, fieldErr("scaling.min", "is %s; it must be 0 so that zeroscale can scale the group to zero", min)
+	}
+	out.Min = *p.Min
+	if p.Max == nil {
+		return out, fieldErr("scaling.max", "must be set")
+	}
+	out.Max = *p.Max
+
+	block, err := singleBlock(p.Policy[PolicyBlock])
+	if err != nil {
+		return out, fieldErr(base, "%s", err)
+	}
+	known := map[string]bool{"idle_timeout": true, "wake_count": true, "wake_timeout": true, "ready": true}
+	var unknown []string
+	for k := range block {
+		if !known[k] {
+			unknown = append(unknown, k)
+		}
+	}
+	if len(unknown) > 0 {
+		sort.Strings(unknown)
+		return out, fieldErr(base+"."+unknown[0], "unknown field (want idle_timeout, wake_count, wake_timeout or ready)")
+	}
+
+	if v, ok := block["idle_timeout"]; ok {
+		if out.IdleTimeout, err = duration(v); err != nil {
+			return out, fieldErr(base+".idle_timeout", "%s", err)
+		}
+		if out.IdleTimeout < time.Second {
+			return out, fieldErr(base+".idle_timeout", "%s is too short (at least 1s)", out.IdleTimeout)
+		}
+	}
+	if v, ok := block["wake_timeout"]; ok {
+		if out.WakeTimeout, err = duration(v); err != nil {
+			return out, fieldErr(base+".wake_timeout", "%s", err)
+		}
+		if out.WakeTimeout < time.Second {
+			return out, fieldErr(base+".wake_timeout", "%s is too short (at least 1s)", out.WakeTimeout)
+		}
+	}
+	if v, ok := block["wake_count"]; ok {
+		n, err := integer(v)
+		if err != nil {
+			return out, fieldErr(base+".wake_count", "%s", err)
+		}
+		out.WakeCount = n
+	}
+	if out.WakeCount < 1 || int64(out.WakeCount) > out.Max {
+		return out, fieldErr(base+".wake_count", "%d is outside 1..%d (scaling.min is 0, wake_count must be at least 1 and at most scaling.max)",
+			out.WakeCount, out.Max)
+	}
+	if v, ok := block["ready"]; ok {
+		s, ok := v.(string)
+		if !ok {
+			return out, fieldErr(base+".ready", "must be a string, %q or %q", ReadyListen, ReadyHealthy)
+		}
+		switch ReadyMode(s) {
+		case ReadyListen, ReadyHealthy:
+			out.Ready = ReadyMode(s)
+		default:
+			return out, fieldErr(base+".ready", "%q: want %q or %q", s, ReadyListen, ReadyHealthy)
+		}
+	}
+	return out, nil
+}
+
+// singleBlock accepts the shapes a block takes once Nomad has stored it: a
+// map, or a list holding one map.
+func singleBlock(v any) (map[string]any, error) {
+	switch b := v.(type) {
+	case map[string]any:
+		return b, nil
+	case []any:
+		if len(b) != 1 {
+			return nil, fmt.Errorf("want exactly one %s block, got %d", PolicyBlock, len(b))
+		}
+		return singleBlock(b[0])
+	case []map[string]any:
+		if len(b) != 1 {
+			return nil, fmt.Errorf("want exactly one %s block, got %d", PolicyBlock, len(b))
+		}
+		return b[0], nil
+	case nil:
+		return map[string]any{}, nil
+	}
+	return nil, fmt.Errorf("is a %T, want a block", v)
+}
+
+func duration(v any) (time.Duration, error) {
+	s, ok := v.(string)
+	if !ok {
+		return 0, fmt.Errorf("must be a duration string like \"10m\", got %v", v)
+	}
+	d, err := time.ParseDuration(strings.TrimSpace(s))
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a duration (like \"90s\" or \"10m\")", s)
+	}
+	return d, nil
+}
+
+func integer(v any) (int, error) {
+	switch n := v.(type) {
+	case int:
+		return n, nil
+	case int64:
+		return int(n), nil
+	case float64:
+		if n != math.Trunc(n) || n > math.MaxInt32 || n < math.MinInt32 {
+			return 0, fmt.Errorf("%v is not a whole number", n)
+		}
+		return int(n), nil
+	case string:
+		return 0, fmt.Errorf("%q must be a number, not a string", n)
+	}
+	return 0, fmt.Errorf("%v must be a number", v)
+}
