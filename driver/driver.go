@@ -244,6 +244,14 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, fmt.Errorf("validate task config: %w", err)
 	}
 
+	user := cfg.User
+	if user == "" {
+		user = "nobody"
+	}
+	if err := checkReachable(taskDir, user); err != nil {
+		return nil, nil, fmt.Errorf("prepare task: %w", err)
+	}
+
 	d.mu.RLock()
 	nomadConfig, compute := d.nomadConfig, d.compute
 	d.mu.RUnlock()
@@ -260,10 +268,6 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, fmt.Errorf("create executor: %w", err)
 	}
 
-	user := cfg.User
-	if user == "" {
-		user = "nobody"
-	}
 	ps, err := exec.Launch(&executor.ExecCommand{
 		Cmd:              command,
 		Args:             taskConfig.Args,

@@ -574,3 +574,18 @@ func TestFingerprint(t *testing.T) {
 		t.Fatalf("health %s %q", fp.Health, fp.HealthDescription)
 	}
 }
+
+func TestUnreachableTaskDirIsAClearError(t *testing.T) {
+	_, h := newHarness(t)
+	task, cleanup := newTask(t, h, "true")
+	defer cleanup()
+	task.User = "nobody"
+	locked := filepath.Dir(task.AllocDir)
+	if err := os.Chmod(locked, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := h.StartTask(task)
+	if err == nil || !strings.Contains(err.Error(), `"nobody", which cannot enter `+locked) {
+		t.Fatalf("start with a locked data dir: %v", err)
+	}
+}

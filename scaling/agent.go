@@ -253,6 +253,9 @@ func (a *Agent) Tick() {
 	a.refreshLocal(false)
 	a.retryPending(now)
 	for _, g := range a.groups {
+		if g.policy != nil && now.Sub(g.specRead) > time.Minute {
+			a.refreshSpec(g, now) // the job may have changed its services
+		}
 		a.publishActivity(g, now)
 		if a.leader && g.policy != nil {
 			a.leaderDuties(g, now)

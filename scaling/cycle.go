@@ -17,9 +17,6 @@ import (
 // leaderDuties runs on the elected node: spot idle groups, drive parking to
 // its end, and unstick wakes whose node vanished.
 func (a *Agent) leaderDuties(g *group, now time.Time) {
-	if now.Sub(g.specRead) > time.Minute {
-		a.refreshSpec(g, now)
-	}
 	switch g.state.Phase {
 	case consul.PhaseAwake:
 		a.idleCheck(g, now)

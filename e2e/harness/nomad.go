@@ -1,0 +1,260 @@
+package harness
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	napi "github.com/hashicorp/nomad/api"
+)
+
+var (
+	buildOnce sync.Once
+	buildPath string
+	buildErr  error
+)
+
+// BuildPlugin builds the plugin binary from this checkout once per test
+// process and returns its path.
+func BuildPlugin(t testing.TB) string {
+	t.Helper()
+	root := RepoRoot(t)
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "zeroscale-plugin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		buildPath = filepath.Join(dir, "nomad-driver-zeroscale")
+		cmd := exec.Command("go", "build", "-o", buildPath, ".")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build: %v: %s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("build plugin: %v", buildErr)
+	}
+	return buildPath
+}
+
+// NomadOptions tunes a test Nomad agent.
+type NomadOptions struct {
+	Consul *Consul
+	// NetworkInterface is the client's network interface: static ports are
+	// bound on its address (the veth host side in e2e tests).
+	NetworkInterface string
+	// PluginConfig is the body of the zeroscale plugin's config block;
+	// Nomad/Consul addresses and a private pin path are added.
+	PluginConfig string
+	// DataDir is kept across restarts of the agent when set.
+	DataDir string
+}
+
+// Nomad is a running dev agent with the zeroscale plugin.
+type Nomad struct {
+	*process
+	Addr    string // http://127.0.0.1:port
+	PinPath string
+	opts    NomadOptions
+	cfgPath string
+	t       testing.TB
+}
+
+// StartNomad starts `nomad agent -dev` with the freshly built plugin and
+// waits until the zeroscale driver is healthy on the node.
+func StartNomad(t testing.TB, opts NomadOptions) *Nomad {
+	t.Helper()
+	Binary(t, "nomad") // fail early when deps are missing
+	plugin := BuildPlugin(t)
+	ports := FreePorts(t, 3)
+	dir := t.TempDir()
+	// Like a real data dir, traversable by the users tasks run as.
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pluginDir := filepath.Join(dir, "plugins")
+	if err := os.MkdirAll(pluginDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(plugin, filepath.Join(pluginDir, "nomad-driver-zeroscale")); err != nil {
+		copyFile(t, plugin, filepath.Join(pluginDir, "nomad-driver-zeroscale"))
+	}
+	dataDir := opts.DataDir
+	if dataDir == "" {
+		dataDir = filepath.Join(dir, "data")
+	}
+	if err := os.MkdirAll(dataDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	n := &Nomad{
+		Addr:    fmt.Sprintf("http://127.0.0.1:%d", ports[0]),
+		PinPath: fmt.Sprintf("/sys/fs/bpf/zs-e2e-%d-%d", os.Getpid(), ports[0]),
+		opts:    opts,
+		t:       t,
+	}
+	iface := ""
+	if opts.NetworkInterface != "" {
+		iface = fmt.Sprintf("network_interface = %q", opts.NetworkInterface)
+	}
+	consulAddr := ""
+	if opts.Consul != nil {
+		consulAddr = opts.Consul.HTTPAddr
+	}
+	cfg := fmt.Sprintf(`
+bind_addr  = "127.0.0.1"
+data_dir   = %q
+plugin_dir = %q
+log_level  = "DEBUG"
+ports {
+  http = %d
+  rpc  = %d
+  serf = %d
+}
+advertise {
+  http = "127.0.0.1"
+  rpc  = "127.0.0.1"
+  serf = "127.0.0.1"
+}
+consul {
+  address = %q
+}
+client {
+  %s
+  options = {
+    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
+  }
+  gc_interval = "1h"
+}
+plugin "raw_exec" {
+  config {
+    enabled = true
+  }
+}
+plugin "nomad-driver-zeroscale" {
+  config {
+    bpf_pin_path = %q
+    nomad {
+      address = %q
+    }
+    consul {
+      address   = %q
+      kv_prefix = "zeroscale"
+    }
+%s
+  }
+}
+`, dataDir, pluginDir, ports[0], ports[1], ports[2], consulAddr, iface, n.PinPath, n.Addr, consulAddr, opts.PluginConfig)
+	n.cfgPath = filepath.Join(dir, "nomad.hcl")
+	if err := os.WriteFile(n.cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n.start()
+	t.Cleanup(func() {
+		n.Stop()
+		uninstall(plugin, n.PinPath)
+	})
+	n.WaitForDriver(90 * time.Second)
+	return n
+}
+
+func (n *Nomad) start() {
+	n.process = startProcess(n.t, "nomad", cleanEnv(), Binary(n.t, "nomad"), "agent", "-dev", "-config", n.cfgPath)
+}
+
+// Restart stops the agent (tasks keep running) and starts it again with the
+// same data directory, so it recovers its tasks.
+func (n *Nomad) Restart(t testing.TB) {
+	t.Helper()
+	if n.opts.DataDir == "" {
+		t.Fatal("restart needs NomadOptions.DataDir (dev agents otherwise forget their tasks)")
+	}
+	n.process.stop(30 * time.Second)
+	n.start()
+	n.WaitForDriver(90 * time.Second)
+}
+
+// Stop stops the agent.
+func (n *Nomad) Stop() { n.process.stop(30 * time.Second) }
+
+// Client returns an API client.
+func (n *Nomad) Client(t testing.TB) *napi.Client {
+	t.Helper()
+	c, err := napi.NewClient(&napi.Config{Address: n.Addr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// WaitForDriver waits until the node is ready with a healthy zeroscale
+// driver whose gate runs.
+func (n *Nomad) WaitForDriver(timeout time.Duration) {
+	n.t.Helper()
+	c := n.Client(n.t)
+	waitFor(n.t, "a ready node with a healthy zeroscale driver and gate", timeout, n.process, func() bool {
+		nodes, _, err := c.Nodes().List(nil)
+		if err != nil || len(nodes) == 0 || nodes[0].Status != "ready" {
+			return false
+		}
+		d, ok := nodes[0].Drivers["zeroscale"]
+		return ok && d.Detected && d.Healthy && d.Attributes["driver.zeroscale.gate"] == "true"
+	})
+}
+
+// Node returns the node's full record.
+func (n *Nomad) Node(t testing.TB) *napi.Node {
+	t.Helper()
+	c := n.Client(t)
+	nodes, _, err := c.Nodes().List(nil)
+	if err != nil || len(nodes) == 0 {
+		t.Fatalf("list nodes: %v", err)
+	}
+	node, _, err := c.Nodes().Info(nodes[0].ID, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return node
+}
+
+// CLI runs the nomad CLI against this agent.
+func (n *Nomad) CLI(t testing.TB, args ...string) (string, error) {
+	t.Helper()
+	cmd := exec.Command(Binary(t, "nomad"), args...)
+	cmd.Env = cleanEnv("NOMAD_ADDR=" + n.Addr)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// PluginLog returns the plugin's lines from the agent's output.
+func (n *Nomad) PluginLog() string {
+	var lines []string
+	for _, l := range strings.Split(n.Output(), "\n") {
+		if strings.Contains(l, "nomad-driver-zeroscale") || strings.Contains(l, "zeroscale") {
+			lines = append(lines, l)
+		}
+	}
+	return strings.Join(lines, "\n")
+}
+
+func copyFile(t testing.TB, from, to string) {
+	t.Helper()
+	b, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(to, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func uninstall(plugin, pinPath string) {
+	_ = exec.Command(plugin, "uninstall", pinPath).Run()
+}

@@ -1,0 +1,306 @@
+package plugin
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	hclog "github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
+	"github.com/zeroscale/nomad-driver-zeroscale/consul"
+	"github.com/zeroscale/nomad-driver-zeroscale/driver"
+	"github.com/zeroscale/nomad-driver-zeroscale/scaling"
+)
+
+// nodeAgent runs the gate and the scaler on this node.
+type nodeAgent struct {
+	settings settings
+	logger   hclog.Logger
+	driver   *driver.Driver
+	gate     *bpf.Gate
+	registry *prometheus.Registry
+	wg       sync.WaitGroup
+}
+
+// startNodeAgent loads the gate and starts everything in the background; it
+// returns at once. The gate keeps its pinned state when ctx ends.
+func startNodeAgent(ctx context.Context, s settings, logger hclog.Logger, drv *driver.Driver) *nodeAgent {
+	a := &nodeAgent{settings: s, logger: logger.Named("agent"), driver: drv, registry: prometheus.NewRegistry()}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.run(ctx)
+	}()
+	return a
+}
+
+func (a *nodeAgent) run(ctx context.Context) {
+	s := a.settings
+	gate, err := bpf.Load(bpf.Options{
+		PinPath:     s.BPFPinPath,
+		CaptureSYNs: s.SYNReplay,
+		SYNMaxAge:   s.synMaxAge,
+		Logger:      a.logger,
+	})
+	if err != nil {
+		a.logger.Error("the XDP gate is unavailable on this node; nothing will be gated", "error", err)
+		a.driver.SetGateStatus(driver.GateStatus{Reason: err.Error()})
+		return
+	}
+	a.gate = gate
+	defer gate.Close() // keeps the pins: gating goes on while the plugin restarts
+
+	if err := gate.SetWakeFrom(s.wakeFrom); err != nil {
+		a.logger.Error("cannot apply wake_from", "error", err)
+	}
+	if err := gate.SetIgnoreSources(s.ignoreSources); err != nil {
+		a.logger.Error("cannot apply ignore_sources", "error", err)
+	}
+	if err := gate.SetCheckerComms(s.HealthCheckProcesses); err != nil {
+		a.logger.Error("cannot apply health_check_processes", "error", err)
+	}
+	a.attachInterfaces()
+	a.driver.SetGateStatus(driver.GateStatus{Supported: true})
+
+	metrics := scaling.NewMetrics(a.registry)
+	a.registry.MustRegister(&gateCollector{gate: gate})
+	if s.MetricsAddress != "" {
+		go a.serveMetrics(ctx)
+	}
+
+	nomad, err := scaling.NewNomadAPI(s.Nomad.Address, s.Nomad.Token)
+	if err != nil {
+		a.logger.Error("cannot configure the Nomad client", "error", err)
+		return
+	}
+	cc, err := consul.New(consul.Config{
+		Address: s.Consul.Address, Token: s.Consul.Token, KVPrefix: s.Consul.KVPrefix,
+		CAFile: s.Consul.CAFile, CertFile: s.Consul.CertFile, KeyFile: s.Consul.KeyFile,
+		TLSServerName: s.Consul.TLSServerName, InsecureSkipVerify: s.Consul.InsecureSkipVerify,
+	}, a.logger)
+	if err != nil {
+		a.logger.Error("cannot configure the Consul client", "error", err)
+		return
+	}
+	node := a.waitForConsul(ctx, cc)
+	if node == "" {
+		return
+	}
+
+	placeholders := cc.NewPlaceholders(consul.PlaceholderOptions{})
+	cluster := &consul.Cluster{Client: cc, Placeholders: placeholders, Node: node}
+	agent := scaling.NewAgent(scaling.Config{
+		Gate: gate, Nomad: nomad, Cluster: cluster, Logger: a.logger, Metrics: metrics,
+		DryRun: s.DryRun, SYNReplay: s.SYNReplay, SYNMaxAge: s.synMaxAge,
+	})
+	cluster.Leader = cc.NewLeader(consul.LeaderOptions{Name: node}, func(leader bool) {
+		agent.Do(ctx, func() { agent.OnLeader(leader) })
+	})
+
+	watch := cc.NewWatch(ctx, func(service string, insts []consul.Instance) {
+		agent.Do(ctx, func() { agent.OnInstances(service, insts) })
+	}, func(service string, err error) {
+		a.logger.Warn("service watch failed", "service", service, "error", err)
+	})
+	defer watch.Stop()
+
+	reportErr := func(what string) func(error) {
+		return func(err error) { a.logger.Warn(what, "error", err) }
+	}
+	goRun := func(f func()) {
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			f()
+		}()
+	}
+	goRun(func() { placeholders.Keep(ctx) })
+	goRun(func() { cluster.Leader.Run(ctx, reportErr("leader election failed")) })
+	goRun(func() {
+		cc.WatchGroupStates(ctx, func(m map[string]consul.GroupState) {
+			agent.Do(ctx, func() { agent.OnGroupStates(m) })
+		}, reportErr("group state watch failed"))
+	})
+	goRun(func() {
+		cc.WatchActivity(ctx, func(m map[string]map[string]consul.ActivityReport) {
+			agent.Do(ctx, func() { agent.OnActivityReports(m) })
+		}, reportErr("activity watch failed"))
+	})
+	goRun(func() { a.followPolicies(ctx, nomad, agent, watch) })
+	goRun(func() { a.rescanInterfaces(ctx) })
+	goRun(func() { a.cleanStaleReports(ctx, cc, cluster) })
+
+	a.logger.Info("node agent running", "node", node, "dry_run", s.DryRun, "syn_replay", s.SYNReplay)
+	agent.Run(ctx, gate.Events())
+}
+
+// waitForConsul retries until the local agent answers (it may start after
+// the Nomad client).
+func (a *nodeAgent) waitForConsul(ctx context.Context, cc *consul.Client) string {
+	delay := time.Second
+	for {
+		node, err := cc.NodeName()
+		if err == nil {
+			return node
+		}
+		a.logger.Warn("waiting for the local Consul agent", "error", err)
+		select {
+		case <-ctx.Done():
+			return ""
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 30*time.Second)
+	}
+}
+
+// followPolicies keeps the agent's policies current with blocking queries.
+func (a *nodeAgent) followPolicies(ctx context.Context, nomad *scaling.NomadAPI, agent *scaling.Agent, watch *consul.Watch) {
+	var index uint64
+	failures := 0
+	for ctx.Err() == nil {
+		stubs, next, err := nomad.Policies(index, 5*time.Minute)
+		if err != nil {
+			failures++
+			a.logger.Warn("cannot list scaling policies", "error", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(min(time.Duration(failures)*time.Second, 30*time.Second)):
+			}
+			continue
+		}
+		failures = 0
+		if next < index {
+			next = 0
+		}
+		index = next
+		done := make(chan struct{})
+		agent.Do(ctx, func() {
+			defer close(done)
+			agent.OnPolicies(stubs)
+			watch.SetServices(agent.Services())
+		})
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// cleanStaleReports lets the leader remove reports of nodes long gone.
+func (a *nodeAgent) cleanStaleReports(ctx context.Context, cc *consul.Client, cluster *consul.Cluster) {
+	tick := time.NewTicker(10 * time.Minute)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if cluster.IsLeader() {
+			if err := cc.DeleteStaleActivity(time.Hour, time.Now()); err != nil {
+				a.logger.Warn("cannot clean stale activity reports", "error", err)
+			}
+		}
+	}
+}
+
+// wantedInterfaces is the configured list, or every interface that is up.
+func (a *nodeAgent) wantedInterfaces() []string {
+	if len(a.settings.Interfaces) > 0 {
+		return a.settings.Interfaces
+	}
+	ifaces, err := net.Interfaces()
+	if err != nil {
+		a.logger.Warn("cannot list interfaces", "error", err)
+		return nil
+	}
+	var out []string
+	for _, i := range ifaces {
+		if i.Flags&net.FlagUp != 0 {
+			out = append(out, i.Name)
+		}
+	}
+	return out
+}
+
+func (a *nodeAgent) attachInterfaces() {
+	attached := a.gate.Attached()
+	for _, name := range a.wantedInterfaces() {
+		if slices.Contains(attached, name) {
+			continue
+		}
+		mode, err := a.gate.Attach(name, a.settings.xdpModes[name])
+		if err != nil {
+			if len(a.settings.Interfaces) > 0 {
+				a.logger.Warn("cannot attach the gate yet; will retry", "interface", name, "error", err)
+			} else {
+				a.logger.Debug("cannot attach the gate", "interface", name, "error", err)
+			}
+			continue
+		}
+		a.logger.Info("gating interface", "interface", name, "mode", mode)
+	}
+}
+
+// rescanInterfaces attaches to interfaces that appear later (or that were
+// missing at start).
+func (a *nodeAgent) rescanInterfaces(ctx context.Context) {
+	tick := time.NewTicker(10 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			a.attachInterfaces()
+		}
+	}
+}
+
+func (a *nodeAgent) serveMetrics(ctx context.Context) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(a.registry, promhttp.HandlerOpts{}))
+	srv := &http.Server{Addr: a.settings.MetricsAddress, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		_ = srv.Close()
+	}()
+	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		a.logger.Error("metrics endpoint failed", "address", a.settings.MetricsAddress, "error", err)
+	}
+}
+
+// gateCollector exports the kernel's counters.
+type gateCollector struct{ gate *bpf.Gate }
+
+var (
+	gatePacketsDesc = prometheus.NewDesc("zeroscale_gate_packets_total",
+		"Packets seen by the XDP gate, by outcome.", []string{"outcome"}, nil)
+	synsDroppedDesc = prometheus.NewDesc("zeroscale_syns_dropped_total",
+		"SYNs dropped at parked addresses (reported as wakes or not).", nil, nil)
+)
+
+func (c *gateCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- gatePacketsDesc
+	ch <- synsDroppedDesc
+}
+
+func (c *gateCollector) Collect(ch chan<- prometheus.Metric) {
+	counters, err := c.gate.Counters()
+	if err != nil {
+		return
+	}
+	for name, v := range counters {
+		ch <- prometheus.MustNewConstMetric(gatePacketsDesc, prometheus.CounterValue, float64(v), name)
+	}
+	ch <- prometheus.MustNewConstMetric(synsDroppedDesc, prometheus.CounterValue,
+		float64(counters["parked_syn_dropped"]+counters["wake_denied"]))
+}

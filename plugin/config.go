@@ -1,0 +1,197 @@
+package plugin
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/nomad/plugins/shared/hclspec"
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
+)
+
+// configSpec is the `plugin "nomad-driver-zeroscale" { config { … } }` block.
+var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
+	"interfaces": hclspec.NewAttr("interfaces", "list(string)", false),
+	"xdp_mode":   hclspec.NewAttr("xdp_mode", "map(string)", false),
+	"metrics_address": hclspec.NewDefault(
+		hclspec.NewAttr("metrics_address", "string", false),
+		hclspec.NewLiteral(`"127.0.0.1:9464"`),
+	),
+	"wake_from":      hclspec.NewAttr("wake_from", "list(string)", false),
+	"ignore_sources": hclspec.NewAttr("ignore_sources", "list(string)", false),
+	"health_check_processes": hclspec.NewDefault(
+		hclspec.NewAttr("health_check_processes", "list(string)", false),
+		hclspec.NewLiteral(`["consul", "nomad"]`),
+	),
+	"syn_replay": hclspec.NewDefault(
+		hclspec.NewAttr("syn_replay", "bool", false),
+		hclspec.NewLiteral("true"),
+	),
+	"syn_max_age": hclspec.NewDefault(
+		hclspec.NewAttr("syn_max_age", "string", false),
+		hclspec.NewLiteral(`"60s"`),
+	),
+	"dry_run": hclspec.NewDefault(
+		hclspec.NewAttr("dry_run", "bool", false),
+		hclspec.NewLiteral("false"),
+	),
+	"bpf_pin_path": hclspec.NewDefault(
+		hclspec.NewAttr("bpf_pin_path", "string", false),
+		hclspec.NewLiteral(`"`+bpf.DefaultPinPath+`"`),
+	),
+	"nomad": hclspec.NewBlock("nomad", false, hclspec.NewObject(map[string]*hclspec.Spec{
+		"address": hclspec.NewAttr("address", "string", false),
+		"token":   hclspec.NewAttr("token", "string", false),
+	})),
+	"consul": hclspec.NewBlock("consul", false, hclspec.NewObject(map[string]*hclspec.Spec{
+		"address":              hclspec.NewAttr("address", "string", false),
+		"token":                hclspec.NewAttr("token", "string", false),
+		"kv_prefix":            hclspec.NewDefault(hclspec.NewAttr("kv_prefix", "string", false), hclspec.NewLiteral(`"zeroscale"`)),
+		"ca_file":              hclspec.NewAttr("ca_file", "string", false),
+		"cert_file":            hclspec.NewAttr("cert_file", "string", false),
+		"key_file":             hclspec.NewAttr("key_file", "string", false),
+		"tls_server_name":      hclspec.NewAttr("tls_server_name", "string", false),
+		"insecure_skip_verify": hclspec.NewAttr("insecure_skip_verify", "bool", false),
+	})),
+})
+
+// Config is the decoded plugin config.
+type Config struct {
+	Interfaces           []string          `codec:"interfaces"`
+	XDPMode              map[string]string `codec:"xdp_mode"`
+	MetricsAddress       string            `codec:"metrics_address"`
+	WakeFrom             []string          `codec:"wake_from"`
+	IgnoreSources        []string          `codec:"ignore_sources"`
+	HealthCheckProcesses []string          `codec:"health_check_processes"`
+	SYNReplay            bool              `codec:"syn_replay"`
+	SYNMaxAge            string            `codec:"syn_max_age"`
+	DryRun               bool              `codec:"dry_run"`
+	BPFPinPath           string            `codec:"bpf_pin_path"`
+	Nomad                NomadConfig       `codec:"nomad"`
+	Consul               ConsulConfig      `codec:"consul"`
+}
+
+// NomadConfig says how to reach the Nomad API.
+type NomadConfig struct {
+	Address string `codec:"address"`
+	Token   string `codec:"token"`
+}
+
+// ConsulConfig says how to reach the local Consul agent.
+type ConsulConfig struct {
+	Address            string `codec:"address"`
+	Token              string `codec:"token"`
+	KVPrefix           string `codec:"kv_prefix"`
+	CAFile             string `codec:"ca_file"`
+	CertFile           string `codec:"cert_file"`
+	KeyFile            string `codec:"key_file"`
+	TLSServerName      string `codec:"tls_server_name"`
+	InsecureSkipVerify bool   `codec:"insecure_skip_verify"`
+}
+
+// settings is Config checked and converted.
+type settings struct {
+	Config
+	wakeFrom      []netip.Prefix
+	ignoreSources []netip.Prefix
+	xdpModes      map[string]bpf.AttachMode
+	synMaxAge     time.Duration
+}
+
+// validate checks every field; errors name the field as written in HCL.
+func (c Config) validate() (settings, error) {
+	s := settings{Config: c, xdpModes: map[string]bpf.AttachMode{}}
+	var errs []error
+	fail := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+
+	seen := map[string]bool{}
+	for i, name := range c.Interfaces {
+		switch {
+		case strings.TrimSpace(name) == "":
+			fail(fmt.Sprintf("interfaces[%d]", i), "empty interface name")
+		case len(name) > 15 || strings.ContainsAny(name, "/ \t"):
+			fail(fmt.Sprintf("interfaces[%d]", i), "%q is not an interface name", name)
+		case seen[name]:
+			fail(fmt.Sprintf("interfaces[%d]", i), "%q is listed twice", name)
+		}
+		seen[name] = true
+	}
+	for name, mode := range c.XDPMode {
+		m, err := bpf.ParseAttachMode(mode)
+		if err != nil {
+			fail(fmt.Sprintf("xdp_mode[%q]", name), "%v", err)
+			continue
+		}
+		s.xdpModes[name] = m
+	}
+	if c.MetricsAddress != "" {
+		if _, port, err := net.SplitHostPort(c.MetricsAddress); err != nil || port == "" {
+			fail("metrics_address", "%q is not host:port (use \"\" to turn metrics off)", c.MetricsAddress)
+		}
+	}
+	var err error
+	if s.wakeFrom, err = prefixes(c.WakeFrom); err != nil {
+		fail("wake_from", "%v", err)
+	}
+	if s.ignoreSources, err = prefixes(c.IgnoreSources); err != nil {
+		fail("ignore_sources", "%v", err)
+	}
+	for i, p := range c.HealthCheckProcesses {
+		if p == "" || len(p) > 15 {
+			fail(fmt.Sprintf("health_check_processes[%d]", i), "%q is not a process name (1–15 bytes, as in /proc/PID/comm)", p)
+		}
+	}
+	if c.SYNMaxAge != "" {
+		if s.synMaxAge, err = time.ParseDuration(c.SYNMaxAge); err != nil || s.synMaxAge < time.Second {
+			fail("syn_max_age", "%q is not a duration of at least 1s", c.SYNMaxAge)
+		}
+	}
+	if c.BPFPinPath != "" && !strings.HasPrefix(c.BPFPinPath, "/") {
+		fail("bpf_pin_path", "%q must be an absolute path on a bpffs", c.BPFPinPath)
+	}
+	if c.Nomad.Address != "" {
+		if u, err := url.Parse(c.Nomad.Address); err != nil || (u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "unix") || u.Host == "" && u.Scheme != "unix" {
+			fail("nomad.address", "%q is not a URL like http://127.0.0.1:4646", c.Nomad.Address)
+		}
+	}
+	if c.Consul.Address != "" {
+		addr := c.Consul.Address
+		if _, rest, ok := strings.Cut(addr, "://"); ok {
+			addr = rest
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil && !strings.HasPrefix(c.Consul.Address, "unix://") {
+			fail("consul.address", "%q is not host:port", c.Consul.Address)
+		}
+	}
+	if p := c.Consul.KVPrefix; p != "" && (strings.Trim(p, "/") == "" || strings.ContainsAny(p, " \t\n")) {
+		fail("consul.kv_prefix", "%q is not a usable KV prefix", p)
+	}
+	if (c.Consul.CertFile == "") != (c.Consul.KeyFile == "") {
+		fail("consul.cert_file", "cert_file and key_file go together")
+	}
+	return s, errors.Join(errs...)
+}
+
+// prefixes parses CIDR prefixes; a bare address means just that host.
+func prefixes(in []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for i, s := range in {
+		s = strings.TrimSpace(s)
+		if p, err := netip.ParsePrefix(s); err == nil {
+			out = append(out, p.Masked())
+			continue
+		}
+		if a, err := netip.ParseAddr(s); err == nil {
+			out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
+			continue
+		}
+		return nil, fmt.Errorf("[%d] %q is not a CIDR prefix or an address", i, s)
+	}
+	return out, nil
+}
