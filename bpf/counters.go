@@ -28,6 +28,7 @@ var counterNames = []string{
 	"replay_no_listener",
 	"replay_connected",
 	"replay_unparseable",
+	"check_syn_dropped",
 }
 
 // Counters sums the kernel's global counters over CPUs, by name.

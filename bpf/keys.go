@@ -180,6 +180,7 @@ type Activity struct {
 	RSTs        uint64
 	Denied      uint64
 	Captured    uint64
+	CheckSYNs   uint64 // health-check SYNs dropped while parked, never wakes
 }
 
 // Busy tells whether real traffic is flowing or happened after since.
@@ -216,6 +217,7 @@ func (g *Gate) Activity(k Key) (Activity, error) {
 		a.RSTs += s.Rsts
 		a.Denied += s.Denied
 		a.Captured += s.Captured
+		a.CheckSYNs += s.CheckSyns
 		lastSeen = max(lastSeen, s.LastSeenNs)
 	}
 	a.LastPacket = monoToWall(lastSeen)

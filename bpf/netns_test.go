@@ -398,3 +398,61 @@ func TestRestartKeepsGatingAndState(t *testing.T) {
 		t.Fatalf("pin directory left behind: %v", err)
 	}
 }
+
+func TestHealthCheckSYNsDoNotWake(t *testing.T) {
+	n := testnet.New(t)
+	g := loadGate(t, Options{ReportInterval: time.Millisecond})
+	attach(t, g, n.HostIf)
+	if _, err := g.Attach("lo", ModeAuto); err != nil {
+		t.Fatal(err)
+	}
+	port := freePort(t, n.HostAddr)
+	target := netip.AddrPortFrom(n.HostAddr, port).String()
+	k := Key{n.HostAddr, port}
+	_ = g.Park(k)
+	if err := g.SetCheckerComms([]string{"consul"}); err != nil {
+		t.Fatal(err)
+	}
+	self, _ := os.Executable()
+	dir := t.TempDir()
+	for _, name := range []string{"consul", "curl"} {
+		if err := os.Symlink(self, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dialAs := func(name string) {
+		cmd := exec.Command(filepath.Join(dir, name))
+		cmd.Env = append(os.Environ(), "ZS_TEST_DIAL="+target)
+		_ = cmd.Start()
+		time.Sleep(300 * time.Millisecond) // one SYN, no retransmit yet
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	}
+	drainEvents(g, 20*time.Millisecond)
+
+	// The local Consul agent checking a parked service: dropped, no wake.
+	dialAs("consul")
+	if evs := drainEvents(g, 300*time.Millisecond); len(evs) != 0 {
+		t.Fatalf("a health check SYN woke the service: %+v", evs)
+	}
+	if a, _ := g.Activity(k); a.CheckSYNs != 1 || a.Reports != 0 {
+		t.Fatalf("after a check: %+v", a)
+	}
+	// A local client from the same source address: a wake.
+	dialAs("curl")
+	evs := drainEvents(g, 300*time.Millisecond)
+	if len(evs) != 1 || !evs[0].Is(EventWake) {
+		t.Fatalf("a local client's SYN: %+v, want one wake", evs)
+	}
+	// A remote checker in ignore_sources: no wake either.
+	_ = g.SetIgnoreSources([]netip.Prefix{netip.PrefixFrom(n.PeerAddr, 32)})
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	_, _ = n.Dial(ctx, "tcp", target)
+	cancel()
+	if evs := drainEvents(g, 300*time.Millisecond); len(evs) != 0 {
+		t.Fatalf("an ignored source woke the service: %+v", evs)
+	}
+	if a, _ := g.Activity(k); a.CheckSYNs != 2 {
+		t.Fatalf("check SYNs %d, want 2", a.CheckSYNs)
+	}
+}

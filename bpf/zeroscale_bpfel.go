@@ -70,6 +70,7 @@ type zeroscaleGateStats struct {
 	Rsts        uint64
 	Denied      uint64
 	Captured    uint64
+	CheckSyns   uint64
 }
 
 type zeroscaleLpmKey struct {

@@ -109,6 +109,7 @@ type GroupState struct {
 	Since     time.Time `json:"since"`
 	By        string    `json:"by"`               // node that made the change
 	Addresses []Address `json:"addresses"`        // what was parked
+	Allocs    []string  `json:"allocs,omitempty"` // allocations running when parking began
 	Reason    string    `json:"reason,omitempty"` // for logs and events
 	// FirstSYN is the kernel time (wall clock) of the SYN that woke the group.
 	FirstSYN time.Time `json:"first_syn,omitzero"`

@@ -36,7 +36,7 @@ type clusterOpts struct {
 
 func newCluster(t *testing.T, opts clusterOpts) *cluster {
 	t.Helper()
-	n := testnet.New(t)
+	n := testnet.NewIPv4(t)
 	c := harness.StartConsul(t, harness.ConsulOptions{})
 	cfg := fmt.Sprintf(`interfaces = [%q, "lo"]
 metrics_address = ""

@@ -108,6 +108,9 @@ type Agent struct {
 	pending []pendingEvent
 	// allocGroups caches allocation → group lookups.
 	allocGroups map[string]GroupID
+	// recentListens are listen events of the last seconds: a woken service
+	// may listen before its new address is registered in Consul.
+	recentListens []listenSeen
 
 	closeOnce sync.Once
 }
@@ -252,6 +255,9 @@ func (a *Agent) Tick() {
 	now := a.clock.Now()
 	a.refreshLocal(false)
 	a.retryPending(now)
+	for len(a.recentListens) > 0 && now.Sub(a.recentListens[0].at) > 30*time.Second {
+		a.recentListens = a.recentListens[1:]
+	}
 	for _, g := range a.groups {
 		if g.policy != nil && now.Sub(g.specRead) > time.Minute {
 			a.refreshSpec(g, now) // the job may have changed its services

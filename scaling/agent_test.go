@@ -496,20 +496,55 @@ func TestGroupBackElsewhereMovesTheOldAddress(t *testing.T) {
 	e := awakeEnv(t)
 	e.sleep()
 	e.syn(client, bpf.EventWake)
-	// It comes back at another port of this node.
-	newAddr := "10.0.0.5:9090"
-	e.agent.OnInstances("web", []consul.Instance{instance("web", newAddr, "node-1", allocB, true)})
+	// It comes back at another port of this node (a dynamic port, say).
+	newKey := bpf.KeyFrom(netip.MustParseAddrPort("10.0.0.5:9090"))
+	e.agent.OnInstances("web", []consul.Instance{instance("web", "10.0.0.5:9090", "node-1", allocB, false)})
+	if e.phase() != consul.PhaseWaking || e.gate.state(svcKey) != bpf.StateParked {
+		t.Fatalf("before it is ready: phase %s old gate %v", e.phase(), e.gate.state(svcKey))
+	}
+	e.agent.OnInstances("web", []consul.Instance{instance("web", "10.0.0.5:9090", "node-1", allocB, true)})
+	if e.phase() != consul.PhaseAwake {
+		t.Fatalf("phase %s, want awake at the new address", e.phase())
+	}
+	if s := e.gate.state(svcKey); s != bpf.StateMoved {
+		t.Fatalf("old address %v, want moved (clients get a RST and re-resolve)", s)
+	}
+	if s := e.gate.state(newKey); s != bpf.StateOpen {
+		t.Fatalf("new address %v, want open", s)
+	}
+	e.tick(time.Second)
+	if len(e.cluster.placeholders) != 0 {
+		t.Fatal("the placeholder still points at the old address")
+	}
+}
+
+func TestOldInstanceStillListedAfterScaleDownIsNotAWake(t *testing.T) {
+	e := awakeEnv(t)
+	e.tick(10*time.Minute + time.Second)
+	e.tick(time.Second)
+	if e.phase() != consul.PhaseAsleep {
+		t.Fatal("not asleep")
+	}
+	// Consul still lists the stopped allocation's passing instance for a
+	// moment (here next to the new placeholder).
+	e.agent.OnInstances("web", []consul.Instance{instance("web", svcAddr, "node-1", allocA, true)})
+	if e.phase() != consul.PhaseAsleep || e.gate.state(svcKey) != bpf.StateParked {
+		t.Fatalf("the old instance woke the group: phase %s gate %v", e.phase(), e.gate.state(svcKey))
+	}
+}
+
+func TestListenBeforeRegistrationIsRemembered(t *testing.T) {
+	e := awakeEnv(t)
+	e.sleep()
+	e.syn(client, bpf.EventWake)
+	// The new allocation listens on a new port before Consul lists it.
+	e.agent.OnGateEvent(bpf.Event{Kind: bpf.EventListen, Key: bpf.Key{Addr: netip.IPv4Unspecified(), Port: 9090}})
 	if e.phase() != consul.PhaseWaking {
 		t.Fatalf("phase %s", e.phase())
 	}
-	// Its health makes the group ready only at a parked address; the
-	// wake times out, but the group runs: an operator sees the error event.
-	e.tick(2*time.Minute + time.Second)
-	if e.phase() != consul.PhaseAsleep {
-		t.Fatalf("phase %s", e.phase())
-	}
-	if st := e.gate.state(bpf.KeyFrom(netip.MustParseAddrPort(newAddr))); st != bpf.StateParked {
-		t.Fatalf("new address gate %v", st)
+	e.agent.OnInstances("web", []consul.Instance{instance("web", "10.0.0.5:9090", "node-1", allocB, false)})
+	if e.phase() != consul.PhaseAwake {
+		t.Fatalf("phase %s, want awake once the listening address is known", e.phase())
 	}
 }
 
@@ -553,5 +588,37 @@ func TestEventsForUnknownKeysWaitForPolicies(t *testing.T) {
 	e.tick(time.Second)
 	if e.phase() != consul.PhaseWaking || len(nomad.countChanges()) != 1 {
 		t.Fatalf("early SYN lost: phase %s calls %+v", e.phase(), nomad.countChanges())
+	}
+}
+
+func TestStaleWatchSnapshotIsIgnored(t *testing.T) {
+	e := awakeEnv(t)
+	before := e.cluster.all() // the watch's view from before parking
+	e.tick(10*time.Minute + time.Second)
+	if e.phase() != consul.PhaseParking {
+		t.Fatal("not parking")
+	}
+	e.agent.OnGroupStates(before)
+	if e.gate.state(svcKey) != bpf.StateParked {
+		t.Fatal("a stale snapshot reopened the gate")
+	}
+	e.tick(time.Second)
+	if e.phase() != consul.PhaseAsleep {
+		t.Fatalf("phase %s", e.phase())
+	}
+}
+
+func TestOldListenEventsDoNotWake(t *testing.T) {
+	e := awakeEnv(t)
+	// The service started listening when it was first deployed.
+	e.agent.OnGateEvent(bpf.Event{Kind: bpf.EventListen, Key: svcKey})
+	e.tick(10*time.Minute + time.Second)
+	e.tick(time.Second)
+	if e.phase() != consul.PhaseAsleep {
+		t.Fatal("not asleep")
+	}
+	e.agent.OnInstances("web", nil)
+	if e.phase() != consul.PhaseAsleep {
+		t.Fatalf("an old listen event woke the group: %s", e.phase())
 	}
 }

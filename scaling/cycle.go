@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -82,10 +83,15 @@ func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 		return
 	}
 	var addrs []consul.Address
+	var allocs []string
 	for k, inst := range g.liveKeys() {
 		addrs = append(addrs, consul.Address{Service: inst.Service, Addr: k.String(), Node: inst.Node})
+		if inst.AllocID != "" && !slices.Contains(allocs, inst.AllocID) {
+			allocs = append(allocs, inst.AllocID)
+		}
 	}
 	sort.Slice(addrs, func(i, j int) bool { return addrs[i].Addr < addrs[j].Addr })
+	sort.Strings(allocs)
 	if len(addrs) == 0 && status.Desired > 0 {
 		a.logger.Debug("idle but no registered address to gate", "group", g.id)
 		g.nextIdleCheck = now.Add(10 * time.Second)
@@ -99,7 +105,7 @@ func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 		return
 	}
 	next := consul.GroupState{
-		Phase: consul.PhaseParking, Epoch: g.state.Epoch + 1, Since: now, Addresses: addrs, Reason: reason,
+		Phase: consul.PhaseParking, Epoch: g.state.Epoch + 1, Since: now, Addresses: addrs, Allocs: allocs, Reason: reason,
 	}
 	if err := a.swap(g, next); err != nil {
 		a.logger.Debug("could not start parking", "group", g.id, "error", err)
@@ -346,25 +352,42 @@ func (a *Agent) wakeTimedOut(g *group, now time.Time) {
 	}
 }
 
-// onListen handles a socket starting to listen on a watched port.
+// onListen handles a socket starting to listen on a watched port. A
+// listener at any address of a sleeping group (the parked ones, or a new one
+// if the group woke elsewhere) means it is up.
 func (a *Agent) onListen(ev bpf.Event) {
+	a.recentListens = append(a.recentListens, listenSeen{ev: ev, at: a.clock.Now()})
 	for _, g := range a.groups {
-		if g.policy == nil || !g.sleeping() || g.state.Phase == consul.PhaseParking {
+		a.checkListening(g, []bpf.Event{ev})
+	}
+}
+
+type listenSeen struct {
+	ev bpf.Event
+	at time.Time
+}
+
+// checkListening marks g ready if one of the listen events matches a local
+// address of g while it sleeps.
+func (a *Agent) checkListening(g *group, evs []bpf.Event) {
+	if g.policy == nil || g.policy.Ready != ReadyListen || !g.sleeping() || g.state.Phase == consul.PhaseParking {
+		return
+	}
+	var ready []bpf.Key
+	for k := range g.keys() {
+		if !a.isLocal(k.Addr) || g.readyKeys[k] {
 			continue
 		}
-		var ready []bpf.Key
-		for k := range g.parkedKeys() {
-			if k.Port != ev.Key.Port || !a.isLocal(k.Addr) {
-				continue
-			}
+		for _, ev := range evs {
 			la := ev.Key.Addr
-			if la == k.Addr || (la.IsUnspecified() && (la.Is6() || k.Addr.Is4())) {
+			if k.Port == ev.Key.Port && (la == k.Addr || la.IsUnspecified() && (la.Is6() || k.Addr.Is4())) {
 				ready = append(ready, k)
+				break
 			}
 		}
-		if len(ready) > 0 && g.policy.Ready == ReadyListen {
-			a.markReady(g, ready, "listening")
-		}
+	}
+	if len(ready) > 0 {
+		a.markReady(g, ready, "listening")
 	}
 }
 

@@ -3,6 +3,7 @@ package scaling
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -287,20 +288,30 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 	if g.policy == nil {
 		return
 	}
-	// A passing real instance at a parked address means the group is up:
-	// with ready = "healthy" that is the signal; with "listen" it is the
-	// fallback when the listen event was missed.
-	if g.sleeping() {
-		parked := g.parkedKeys()
+	// A passing instance of a new allocation means the group is up: with
+	// ready = "healthy" that is the signal; with "listen" it is the fallback
+	// when the listen event was missed. Instances of the allocations that
+	// were running when the group parked do not count: Consul may still list
+	// them for a moment after the scale-down.
+	if g.sleeping() && g.state.Phase != consul.PhaseParking {
 		var ready []bpf.Key
 		for _, inst := range live {
-			k := bpf.KeyFrom(inst.AddrPort())
-			if _, ok := parked[k]; ok && inst.Passing {
-				ready = append(ready, k)
+			if inst.Passing && !slices.Contains(g.state.Allocs, inst.AllocID) {
+				ready = append(ready, bpf.KeyFrom(inst.AddrPort()))
 			}
 		}
-		if len(ready) > 0 && g.state.Phase != consul.PhaseParking {
+		if len(ready) > 0 {
 			a.markReady(g, ready, "healthy in Consul")
+		} else if len(a.recentListens) > 0 {
+			// Only listeners that appeared after the group was parked: the
+			// one the old allocation opened long ago says nothing.
+			var evs []bpf.Event
+			for _, l := range a.recentListens {
+				if !l.at.Before(g.state.Since) {
+					evs = append(evs, l.ev)
+				}
+			}
+			a.checkListening(g, evs)
 		}
 	}
 	a.syncGate(g)
@@ -309,7 +320,9 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 // setState adopts a group record and acts on the phase change.
 func (a *Agent) setState(g *group, st consul.GroupState) {
 	old := g.state
-	if st.Index != 0 && st.Index == old.Index && st.Phase == old.Phase {
+	// A watch may deliver a snapshot older than what this node just wrote:
+	// KV indexes only grow, so anything below ours is stale.
+	if st.Index < old.Index || st.Index == 0 && old.Index > 0 || st.Index == old.Index && st.Phase == old.Phase {
 		return
 	}
 	g.state = st

@@ -35,14 +35,15 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 		for k := range live {
 			out[k] = bpf.StateOpen
 		}
+		elsewhere := g.passingElsewhere()
 		for k := range parked {
 			if _, ok := live[k]; ok {
 				continue
 			}
 			// A parked address the group did not come back at: once the
-			// group has settled elsewhere, refuse at once so clients
-			// re-resolve instead of waiting for timeouts.
-			if len(live) > 0 && now.Sub(g.awakeAt) > g.policy.WakeTimeout {
+			// group runs elsewhere, refuse at once so clients re-resolve
+			// instead of waiting for timeouts.
+			if elsewhere || len(live) > 0 && now.Sub(g.awakeAt) > g.policy.WakeTimeout {
 				out[k] = bpf.StateMoved
 			} else {
 				out[k] = bpf.StateOpen
@@ -185,8 +186,9 @@ func (a *Agent) syncPlaceholders(g *group, now time.Time) {
 		}
 		// Keep each until the real instance passes its checks (or the wake
 		// has had its time), so DNS never goes empty in between.
+		elsewhere := g.passingElsewhere()
 		for id, p := range g.registered {
-			if !a.realInstanceHealthy(g, p) && now.Sub(g.awakeAt) < g.policy.WakeTimeout {
+			if !elsewhere && !a.realInstanceHealthy(g, p) && now.Sub(g.awakeAt) < g.policy.WakeTimeout {
 				want[id] = p
 			}
 		}
@@ -212,6 +214,18 @@ func (a *Agent) syncPlaceholders(g *group, now time.Time) {
 		}
 		delete(g.registered, id)
 	}
+}
+
+// passingElsewhere tells whether the group runs healthy at an address it
+// was not parked at (it woke on another port or node).
+func (g *group) passingElsewhere() bool {
+	parked := g.parkedKeys()
+	for k, inst := range g.liveKeys() {
+		if _, ok := parked[k]; !ok && inst.Passing {
+			return true
+		}
+	}
+	return false
 }
 
 func (a *Agent) realInstanceHealthy(g *group, p consul.Placeholder) bool {

@@ -87,6 +87,7 @@ struct gate_stats {
 	__u64 rsts;
 	__u64 denied;
 	__u64 captured;
+	__u64 check_syns;
 };
 
 // Socket-level activity of one service address, updated with atomics.
@@ -169,6 +170,7 @@ enum counter {
 	C_REPLAY_NO_LISTENER,
 	C_REPLAY_CONNECTED,
 	C_REPLAY_UNPARSEABLE,
+	C_CHECK_SYN_DROPPED,
 	C_MAX,
 };
 
@@ -544,6 +546,39 @@ static __always_inline void emit_event(struct xdp_md *ctx, __u32 kind, const str
 	bpf_ringbuf_submit(ev, 0);
 }
 
+// is_check_syn tells a SYN that a health checker sent: from an ignored
+// source, or from a local socket that a checker process opened (looked up by
+// the reversed tuple: the connecting socket is hashed before its SYN leaves).
+static __always_inline int is_check_syn(struct xdp_md *ctx, const struct pkt *p)
+{
+	struct lpm_key lk = {.prefixlen = 128};
+	__builtin_memcpy(lk.addr, p->saddr, 16);
+	if (bpf_map_lookup_elem(&ignore_sources, &lk))
+		return 1;
+
+	struct bpf_sock_tuple t = {};
+	__u32 size;
+	if (p->is_v6) {
+		__builtin_memcpy(t.ipv6.saddr, p->key.addr, 16);
+		__builtin_memcpy(t.ipv6.daddr, p->saddr, 16);
+		t.ipv6.sport = p->key.port;
+		t.ipv6.dport = p->sport;
+		size = sizeof(t.ipv6);
+	} else {
+		__builtin_memcpy(&t.ipv4.saddr, p->key.addr + 12, 4);
+		__builtin_memcpy(&t.ipv4.daddr, p->saddr + 12, 4);
+		t.ipv4.sport = p->key.port;
+		t.ipv4.dport = p->sport;
+		size = sizeof(t.ipv4);
+	}
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	__u64 skp = (__u64)sk;
+	bpf_sk_release(sk);
+	return bpf_map_lookup_elem(&checker_socks, &skp) != 0;
+}
+
 static __always_inline int parked_syn(struct xdp_md *ctx, const struct pkt *p, struct gate_policy *pol,
 				      struct gate_stats *st, __u64 now)
 {
@@ -563,6 +598,16 @@ static __always_inline int parked_syn(struct xdp_md *ctx, const struct pkt *p, s
 	if (st)
 		st->syns_dropped++;
 	count(C_PARKED_DROP);
+
+	// Health checks must not wake a parked service: a SYN from a local
+	// checker process (its socket was marked when it connected) or from an
+	// ignored source is dropped without a report.
+	if (is_check_syn(ctx, p)) {
+		if (st)
+			st->check_syns++;
+		count(C_CHECK_SYN_DROPPED);
+		return XDP_DROP;
+	}
 
 	__u32 kind = 0;
 	__u64 interval = cfg && cfg->report_interval_ns ? cfg->report_interval_ns : DEFAULT_REPORT_INTERVAL_NS;

@@ -38,7 +38,13 @@ type Net struct {
 
 // New creates a namespace with a veth pair, IPv4 /24 and IPv6 /64 on both
 // ends, and removes it when the test ends.
-func New(t testing.TB) *Net {
+func New(t testing.TB) *Net { return create(t, true) }
+
+// NewIPv4 is New without IPv6: a Nomad client on a dual-stack interface may
+// give an allocation either address.
+func NewIPv4(t testing.TB) *Net { return create(t, false) }
+
+func create(t testing.TB, ipv6 bool) *Net {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("network namespace tests need root; run them through `make test`")
@@ -59,25 +65,40 @@ func New(t testing.TB) *Net {
 	}
 	t.Cleanup(func() { n.destroy() })
 	n.destroy() // leftovers of a crashed run
+	// Each step is a command line; "ip" unless it says otherwise.
 	steps := [][]string{
-		{"netns", "add", n.Name},
-		{"link", "add", n.HostIf, "type", "veth", "peer", "name", n.PeerIf},
-		{"link", "set", n.PeerIf, "netns", n.Name},
-		{"addr", "add", n.HostAddr.String() + "/24", "dev", n.HostIf},
-		{"addr", "add", n.HostAddr6.String() + "/64", "dev", n.HostIf, "nodad"},
-		{"link", "set", n.HostIf, "up"},
-		{"-n", n.Name, "addr", "add", n.PeerAddr.String() + "/24", "dev", n.PeerIf},
-		{"-n", n.Name, "addr", "add", n.PeerAddr6.String() + "/64", "dev", n.PeerIf, "nodad"},
-		{"-n", n.Name, "link", "set", n.PeerIf, "up"},
-		{"-n", n.Name, "link", "set", "lo", "up"},
+		{"ip", "netns", "add", n.Name},
+		{"ip", "link", "add", n.HostIf, "type", "veth", "peer", "name", n.PeerIf},
+		{"ip", "link", "set", n.PeerIf, "netns", n.Name},
 	}
+	if !ipv6 {
+		// No IPv6 at all, not even link-local, so only the IPv4 address is
+		// fingerprinted on the host end.
+		n.HostAddr6, n.PeerAddr6 = netip.Addr{}, netip.Addr{}
+		steps = append(steps,
+			[]string{"sysctl", "-qw", "net.ipv6.conf." + n.HostIf + ".disable_ipv6=1"},
+			[]string{"ip", "netns", "exec", n.Name, "sysctl", "-qw", "net.ipv6.conf." + n.PeerIf + ".disable_ipv6=1"})
+	}
+	steps = append(steps,
+		[]string{"ip", "addr", "add", n.HostAddr.String() + "/24", "dev", n.HostIf},
+		[]string{"ip", "-n", n.Name, "addr", "add", n.PeerAddr.String() + "/24", "dev", n.PeerIf})
+	if ipv6 {
+		steps = append(steps,
+			[]string{"ip", "addr", "add", n.HostAddr6.String() + "/64", "dev", n.HostIf, "nodad"},
+			[]string{"ip", "-n", n.Name, "addr", "add", n.PeerAddr6.String() + "/64", "dev", n.PeerIf, "nodad"})
+	}
+	steps = append(steps,
+		[]string{"ip", "link", "set", n.HostIf, "up"},
+		[]string{"ip", "-n", n.Name, "link", "set", n.PeerIf, "up"},
+		[]string{"ip", "-n", n.Name, "link", "set", "lo", "up"})
 	for _, args := range steps {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
 		}
 	}
-	// The host may route the test subnet elsewhere; this one is on the veth.
-	n.waitUp(t)
+	if ipv6 {
+		n.waitUp(t)
+	}
 	return n
 }
 
