@@ -28,7 +28,7 @@ var counterNames = []string{
 	"replay_no_listener",
 	"replay_connected",
 	"replay_unparseable",
-	"check_syn_dropped",
+	"check_syn_passed",
 }
 
 // Counters sums the kernel's global counters over CPUs, by name.

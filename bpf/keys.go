@@ -180,7 +180,7 @@ type Activity struct {
 	RSTs        uint64
 	Denied      uint64
 	Captured    uint64
-	CheckSYNs   uint64 // health-check SYNs dropped while parked, never wakes
+	CheckSYNs   uint64 // health-check SYNs let through while parked, never a wake
 }
 
 // Busy tells whether real traffic is flowing or happened after since.

@@ -32,6 +32,7 @@ type cluster struct {
 type clusterOpts struct {
 	pluginConfig string
 	dataDir      string
+	persistent   bool
 }
 
 func newCluster(t *testing.T, opts clusterOpts) *cluster {
@@ -41,7 +42,7 @@ func newCluster(t *testing.T, opts clusterOpts) *cluster {
 	cfg := fmt.Sprintf(`interfaces = [%q, "lo"]
 metrics_address = ""
 `, n.HostIf) + opts.pluginConfig
-	nomad := harness.StartNomad(t, harness.NomadOptions{Consul: c, NetworkInterface: n.HostIf, PluginConfig: cfg, DataDir: opts.dataDir})
+	nomad := harness.StartNomad(t, harness.NomadOptions{Consul: c, NetworkInterface: n.HostIf, PluginConfig: cfg, DataDir: opts.dataDir, Persistent: opts.persistent})
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("plugin log:\n%s", tail(nomad.PluginLog(), 150))
@@ -57,16 +58,18 @@ func (c *cluster) diagnose(t *testing.T) string {
 	var b strings.Builder
 	jobs, _, _ := c.api.Jobs().List(nil)
 	for _, j := range jobs {
-		out, _ := c.nomad.CLI(t, "job", "status", j.ID)
+		out, _ := c.nomad.CLI(t, "job", "status", "-evals", j.ID)
+		b.WriteString(out)
+		out, _ = c.nomad.CLI(t, "job", "scaling-events", "-verbose", j.ID)
 		b.WriteString(out)
 		allocs, _, _ := c.api.Jobs().Allocations(j.ID, true, nil)
 		if len(allocs) > 0 {
 			out, _ := c.nomad.CLI(t, "alloc", "status", "-verbose", allocs[0].ID)
 			b.WriteString(out)
-			for _, task := range []string{"server", "nginx", "postgres"} {
+			for task := range allocs[0].TaskStates {
 				logs, err := c.nomad.CLI(t, "alloc", "logs", "-stderr", allocs[0].ID, task)
 				if err == nil {
-					b.WriteString("stderr of " + task + ":\n" + tail(logs, 30))
+					b.WriteString("stderr of " + task + ":\n" + tail(logs, 30) + "\n")
 				}
 			}
 		}

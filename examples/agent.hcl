@@ -23,7 +23,9 @@ plugin "nomad-driver-zeroscale" {
     # ignore_sources = ["10.0.5.0/24"]
 
     # Local processes whose connections are health checks, not activity.
-    health_check_processes = ["consul", "nomad"]
+    # Nomad script checks run their program in the task: list it here
+    # (pg_isready is, for the PostgreSQL example).
+    health_check_processes = ["consul", "nomad", "pg_isready"]
 
     # Replay the first SYN when the service listens, so the client's own
     # connect() completes without waiting for its retransmit.

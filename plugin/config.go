@@ -25,7 +25,7 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"ignore_sources": hclspec.NewAttr("ignore_sources", "list(string)", false),
 	"health_check_processes": hclspec.NewDefault(
 		hclspec.NewAttr("health_check_processes", "list(string)", false),
-		hclspec.NewLiteral(`["consul", "nomad"]`),
+		hclspec.NewLiteral(`["consul", "nomad", "pg_isready"]`),
 	),
 	"syn_replay": hclspec.NewDefault(
 		hclspec.NewAttr("syn_replay", "bool", false),

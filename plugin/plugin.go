@@ -107,7 +107,7 @@ func (p *Plugin) SetConfig(cfg *base.Config) error {
 func defaults() Config {
 	return Config{
 		MetricsAddress:       "127.0.0.1:9464",
-		HealthCheckProcesses: []string{"consul", "nomad"},
+		HealthCheckProcesses: []string{"consul", "nomad", "pg_isready"},
 		SYNReplay:            true,
 		SYNMaxAge:            "60s",
 		BPFPinPath:           bpf.DefaultPinPath,

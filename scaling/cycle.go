@@ -92,8 +92,9 @@ func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 	}
 	sort.Slice(addrs, func(i, j int) bool { return addrs[i].Addr < addrs[j].Addr })
 	sort.Strings(allocs)
-	if len(addrs) == 0 && status.Desired > 0 {
-		a.logger.Debug("idle but no registered address to gate", "group", g.id)
+	if len(addrs) == 0 {
+		// Nothing registered in Consul: nothing could wake it again.
+		a.logger.Debug("idle but no registered address to gate", "group", g.id, "count", status.Desired)
 		g.nextIdleCheck = now.Add(10 * time.Second)
 		return
 	}

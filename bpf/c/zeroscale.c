@@ -170,7 +170,7 @@ enum counter {
 	C_REPLAY_NO_LISTENER,
 	C_REPLAY_CONNECTED,
 	C_REPLAY_UNPARSEABLE,
-	C_CHECK_SYN_DROPPED,
+	C_CHECK_SYN_PASSED,
 	C_MAX,
 };
 
@@ -584,6 +584,18 @@ static __always_inline int parked_syn(struct xdp_md *ctx, const struct pkt *p, s
 {
 	struct gate_config *cfg = get_config();
 
+	// Health checks must not wake a parked service, but must see the truth:
+	// a SYN from a local checker process (its socket was marked when it
+	// connected) or from an ignored source passes without a report. While
+	// the service is down the stack refuses it; while it wakes the check
+	// reaches it (with ready = "healthy" that is how it becomes ready).
+	if (is_check_syn(ctx, p)) {
+		if (st)
+			st->check_syns++;
+		count(C_CHECK_SYN_PASSED);
+		return XDP_PASS;
+	}
+
 	if (cfg && (cfg->flags & CFG_WAKE_FROM)) {
 		struct lpm_key lk = {.prefixlen = 128};
 		__builtin_memcpy(lk.addr, p->saddr, 16);
@@ -598,16 +610,6 @@ static __always_inline int parked_syn(struct xdp_md *ctx, const struct pkt *p, s
 	if (st)
 		st->syns_dropped++;
 	count(C_PARKED_DROP);
-
-	// Health checks must not wake a parked service: a SYN from a local
-	// checker process (its socket was marked when it connected) or from an
-	// ignored source is dropped without a report.
-	if (is_check_syn(ctx, p)) {
-		if (st)
-			st->check_syns++;
-		count(C_CHECK_SYN_DROPPED);
-		return XDP_DROP;
-	}
 
 	__u32 kind = 0;
 	__u64 interval = cfg && cfg->report_interval_ns ? cfg->report_interval_ns : DEFAULT_REPORT_INTERVAL_NS;

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -52,8 +53,12 @@ type NomadOptions struct {
 	// PluginConfig is the body of the zeroscale plugin's config block;
 	// Nomad/Consul addresses and a private pin path are added.
 	PluginConfig string
-	// DataDir is kept across restarts of the agent when set.
-	DataDir string
+	// Persistent runs a regular server+client agent on DataDir (a dev agent
+	// keeps its server state in memory and would forget jobs on restart).
+	Persistent bool
+	DataDir    string
+	// NoWait skips waiting for a healthy driver (for broken configs).
+	NoWait bool
 }
 
 // Nomad is a running dev agent with the zeroscale plugin.
@@ -108,7 +113,15 @@ func StartNomad(t testing.TB, opts NomadOptions) *Nomad {
 	if opts.Consul != nil {
 		consulAddr = opts.Consul.HTTPAddr
 	}
-	cfg := fmt.Sprintf(`
+	mode := ""
+	if opts.Persistent {
+		mode = `
+server {
+  enabled          = true
+  bootstrap_expect = 1
+}`
+	}
+	cfg := fmt.Sprintf(`%s
 bind_addr  = "127.0.0.1"
 data_dir   = %q
 plugin_dir = %q
@@ -127,6 +140,7 @@ consul {
   address = %q
 }
 client {
+  enabled = true
   %s
   options = {
     "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
@@ -151,34 +165,78 @@ plugin "nomad-driver-zeroscale" {
 %s
   }
 }
-`, dataDir, pluginDir, ports[0], ports[1], ports[2], consulAddr, iface, n.PinPath, n.Addr, consulAddr, opts.PluginConfig)
+`, mode, dataDir, pluginDir, ports[0], ports[1], ports[2], consulAddr, iface, n.PinPath, n.Addr, consulAddr, opts.PluginConfig)
 	n.cfgPath = filepath.Join(dir, "nomad.hcl")
 	if err := os.WriteFile(n.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	n.start()
 	t.Cleanup(func() {
+		// Agents leave tasks running when they stop; stop the jobs first.
+		n.stopAllJobs(30 * time.Second)
 		n.Stop()
 		uninstall(plugin, n.PinPath)
+		unmountUnder(dir)
 	})
-	n.WaitForDriver(90 * time.Second)
+	if !opts.NoWait {
+		n.WaitForDriver(90 * time.Second)
+	}
 	return n
 }
 
 func (n *Nomad) start() {
-	n.process = startProcess(n.t, "nomad", cleanEnv(), Binary(n.t, "nomad"), "agent", "-dev", "-config", n.cfgPath)
+	args := []string{"agent", "-config", n.cfgPath}
+	if !n.opts.Persistent {
+		args = append(args, "-dev")
+	}
+	n.process = startProcess(n.t, "nomad", cleanEnv(), Binary(n.t, "nomad"), args...)
 }
 
 // Restart stops the agent (tasks keep running) and starts it again with the
 // same data directory, so it recovers its tasks.
 func (n *Nomad) Restart(t testing.TB) {
 	t.Helper()
-	if n.opts.DataDir == "" {
-		t.Fatal("restart needs NomadOptions.DataDir (dev agents otherwise forget their tasks)")
+	if !n.opts.Persistent {
+		t.Fatal("restart needs NomadOptions.Persistent (dev agents forget their jobs)")
 	}
 	n.process.stop(30 * time.Second)
 	n.start()
 	n.WaitForDriver(90 * time.Second)
+}
+
+// stopAllJobs stops every job and waits for their allocations to end.
+func (n *Nomad) stopAllJobs(timeout time.Duration) {
+	if n.process.exited() {
+		return
+	}
+	c, err := napi.NewClient(&napi.Config{Address: n.Addr})
+	if err != nil {
+		return
+	}
+	jobs, _, err := c.Jobs().List(nil)
+	if err != nil {
+		return
+	}
+	for _, j := range jobs {
+		_, _, _ = c.Jobs().Deregister(j.ID, true, &napi.WriteOptions{Namespace: j.Namespace})
+	}
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		allocs, _, err := c.Allocations().List(nil)
+		if err != nil {
+			return
+		}
+		running := 0
+		for _, a := range allocs {
+			if a.ClientStatus == "running" || a.ClientStatus == "pending" {
+				running++
+			}
+		}
+		if running == 0 {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // Stop stops the agent.
@@ -252,6 +310,25 @@ func copyFile(t testing.TB, from, to string) {
 	}
 	if err := os.WriteFile(to, b, 0o755); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// unmountUnder lazily unmounts what Nomad left mounted under dir (secrets
+// tmpfs of allocations not yet collected), so the directory can be removed.
+func unmountUnder(dir string) {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return
+	}
+	var targets []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
+			targets = append(targets, f[1])
+		}
+	}
+	for i := len(targets) - 1; i >= 0; i-- {
+		_ = syscall.Unmount(targets[i], syscall.MNT_DETACH)
 	}
 }
 

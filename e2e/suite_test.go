@@ -1,0 +1,335 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/zeroscale/nomad-driver-zeroscale/e2e/harness"
+)
+
+// inNS runs a client program inside the client namespace.
+func (c *cluster) inNS(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	out, err := c.net.Command(ctx, name, args...).CombinedOutput()
+	return string(out), err
+}
+
+func (c *cluster) consulDNSPort(t *testing.T) string {
+	_, port, err := net.SplitHostPort(c.consul.DNSAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return port
+}
+
+func TestNginxSleepsDespiteChecksWakesOnCurl(t *testing.T) {
+	c := newCluster(t, clusterOpts{})
+	port := freePort(t, c.net.HostAddr)
+	c.run(t, example(t, "nginx.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.waitHealthy(t, "nginx", 90*time.Second)
+
+	// Consul checks it over HTTP every second; it sleeps all the same.
+	c.waitDesired(t, "nginx", "nginx", 0, 60*time.Second)
+
+	// While asleep, DNS still answers with its address (the placeholder).
+	out, err := exec.Command("dig", "+short", "-p", c.consulDNSPort(t), "@127.0.0.1", "nginx.service.consul").CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != c.net.HostAddr.String() {
+		t.Fatalf("dig while asleep: %q %v", out, err)
+	}
+
+	url := fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port)
+	began := time.Now()
+	out2, err := c.inNS(t, 60*time.Second, "curl", "-sS", "-m", "30", "-o", "-", "-w", "\n%{http_code}", url)
+	if err != nil || !strings.HasSuffix(strings.TrimSpace(out2), "200") || !strings.Contains(out2, "nginx woke up for you") {
+		t.Fatalf("curl from the namespace: %v\n%s\n%s", err, out2, c.diagnose(t))
+	}
+	t.Logf("curl woke nginx and got 200 in %v", time.Since(began))
+	if n := countEvents(c.scaleEvents(t, "nginx", "nginx"), 1); n != 1 {
+		t.Fatalf("%d scale-up events, want 1", n)
+	}
+}
+
+func TestPostgresWakesOnPsql(t *testing.T) {
+	if _, err := os.Stat("/usr/lib/postgresql/15/bin/postgres"); err != nil {
+		t.Fatal("PostgreSQL 15 is not installed (make test installs Debian's postgresql)")
+	}
+	c := newCluster(t, clusterOpts{})
+	port := freePort(t, c.net.HostAddr)
+	c.run(t, example(t, "postgres.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.waitHealthy(t, "postgres", 120*time.Second)
+	c.waitDesired(t, "postgres", "postgres", 0, 90*time.Second)
+
+	began := time.Now()
+	out, err := c.inNS(t, 120*time.Second, "psql", "-h", c.net.HostAddr.String(), "-p", fmt.Sprint(port),
+		"-U", "postgres", "-d", "postgres", "-At", "-c", "select 6 * 7")
+	if err != nil || strings.TrimSpace(out) != "42" {
+		t.Fatalf("psql from the namespace: %v\n%s\n%s", err, out, c.diagnose(t))
+	}
+	t.Logf("psql woke PostgreSQL and ran a query in %v", time.Since(began))
+	if n := countEvents(c.scaleEvents(t, "postgres", "postgres"), 1); n != 1 {
+		t.Fatalf("%d scale-up events, want 1", n)
+	}
+}
+
+// metric reads one series from the plugin's /metrics.
+func metric(t *testing.T, addr, name string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatalf("metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` ([0-9.e+-]+)$`)
+	m := re.FindStringSubmatch(string(b))
+	if m == nil {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(m[1], 64)
+	return v
+}
+
+func TestStormOf200ConnectsWakesOnce(t *testing.T) {
+	metricsPort := harness.FreePorts(t, 1)[0]
+	metricsAddr := fmt.Sprintf("127.0.0.1:%d", metricsPort)
+	c := newCluster(t, clusterOpts{pluginConfig: fmt.Sprintf("metrics_address = %q\n", metricsAddr)})
+	port := freePort(t, c.net.HostAddr)
+	c.run(t, example(t, "http.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.waitHealthy(t, "http", 90*time.Second)
+	c.waitDesired(t, "http", "http", 0, 60*time.Second)
+
+	const clients = 200
+	url := fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port)
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	began := time.Now()
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			code, _, err := c.httpGet(t, url, 60*time.Second)
+			if err == nil && code != 200 {
+				err = fmt.Errorf("status %d", code)
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	failed := 0
+	for err := range errs {
+		if err != nil {
+			failed++
+			t.Logf("client: %v", err)
+		}
+	}
+	if failed > 0 {
+		t.Fatalf("%d of %d concurrent clients failed", failed, clients)
+	}
+	t.Logf("%d concurrent clients all served in %v", clients, time.Since(began))
+	if n := countEvents(c.scaleEvents(t, "http", "http"), 1); n != 1 {
+		t.Fatalf("%d scale-up events for %d connects, want 1", n, clients)
+	}
+	time.Sleep(time.Second) // replays finish off the loop
+	passed := metric(t, metricsAddr, `zeroscale_syn_replays_total{result="passed"}`)
+	fallback := metric(t, metricsAddr, `zeroscale_syn_replays_total{result="fallback_retransmit"}`)
+	connected := metric(t, metricsAddr, `zeroscale_syn_replays_total{result="already_connected"}`)
+	t.Logf("SYN replay: %v passed, %v fell back to the client's retransmit, %v already connected", passed, fallback, connected)
+	if passed == 0 {
+		t.Fatal("no SYN was replayed")
+	}
+}
+
+func TestQuietConnectionKeepsItAwake(t *testing.T) {
+	c := newCluster(t, clusterOpts{})
+	port := freePort(t, c.net.HostAddr)
+	c.run(t, example(t, "http.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "4s"})
+	c.waitHealthy(t, "http", 90*time.Second)
+
+	conn, err := c.net.Dial(context.Background(), "tcp", fmt.Sprintf("%s:%d", c.net.HostAddr, port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Open, silent, for four idle timeouts.
+	time.Sleep(16 * time.Second)
+	st, _, err := c.api.Jobs().ScaleStatus("http", nil)
+	if err != nil || st.TaskGroups["http"].Desired != 1 {
+		t.Fatalf("with an open connection the group went to %d (%v)", st.TaskGroups["http"].Desired, err)
+	}
+	conn.Close()
+	began := time.Now()
+	c.waitDesired(t, "http", "http", 0, 60*time.Second)
+	t.Logf("slept %v after the connection closed (idle_timeout 4s)", time.Since(began))
+}
+
+func TestAnyDriverIsGated(t *testing.T) {
+	c := newCluster(t, clusterOpts{})
+	port := freePort(t, c.net.HostAddr)
+	c.run(t, example(t, "raw_exec.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.waitHealthy(t, "raw", 90*time.Second)
+	c.waitDesired(t, "raw", "raw", 0, 60*time.Second)
+	code, body, err := c.httpGet(t, fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port), 30*time.Second)
+	if err != nil || code != 200 || !strings.Contains(body, "raw_exec") {
+		t.Fatalf("GET the raw_exec service: %d %q %v", code, body, err)
+	}
+}
+
+// pluginPID finds the zeroscale plugin process this Nomad agent started
+// (not an executor, which runs the same binary with arguments).
+func (c *cluster) pluginPID(t *testing.T) int {
+	t.Helper()
+	if pid := c.pluginPIDOrZero(); pid != 0 {
+		return pid
+	}
+	t.Fatal("plugin process not found")
+	return 0
+}
+
+func (c *cluster) ownsPlugin(path string) bool {
+	return strings.Contains(c.nomad.Output(), path)
+}
+
+func TestPluginKilledWhileAsleepStillWakes(t *testing.T) {
+	c := newCluster(t, clusterOpts{})
+	port := freePort(t, c.net.HostAddr)
+	c.run(t, example(t, "http.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.waitHealthy(t, "http", 90*time.Second)
+	c.waitDesired(t, "http", "http", 0, 60*time.Second)
+
+	pid := c.pluginPID(t)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// While no plugin runs, the pinned gate keeps the address parked: a
+	// connect is held, not refused.
+	url := fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port)
+	// Nomad notices the dead plugin and starts it again.
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		if p := c.pluginPIDOrZero(); p != 0 && p != pid {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Nomad did not restart the plugin")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	code, _, err := c.httpGet(t, url, 60*time.Second)
+	if err != nil || code != 200 {
+		t.Fatalf("GET after the plugin restarted: %d %v\n%s", code, err, c.diagnose(t))
+	}
+	if n := countEvents(c.scaleEvents(t, "http", "http"), 1); n != 1 {
+		t.Fatalf("%d scale-up events, want 1", n)
+	}
+}
+
+func (c *cluster) pluginPIDOrZero() int {
+	matches, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, m := range matches {
+		b, err := os.ReadFile(m)
+		if err != nil {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		if len(args) == 1 && strings.HasSuffix(args[0], "/nomad-driver-zeroscale") && c.ownsPlugin(args[0]) {
+			pid, _ := strconv.Atoi(strings.Split(m, "/")[2])
+			return pid
+		}
+	}
+	return 0
+}
+
+func TestClientRestartRecoversTasks(t *testing.T) {
+	dataDir := t.TempDir()
+	if err := os.Chmod(dataDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Dir(dataDir), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c := newCluster(t, clusterOpts{dataDir: dataDir, persistent: true})
+	port := freePort(t, c.net.HostAddr)
+	c.run(t, example(t, "http.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "1h"})
+	c.waitHealthy(t, "http", 90*time.Second)
+	before := c.taskPID(t)
+
+	c.nomad.Restart(t)
+	c.waitHealthy(t, "http", 60*time.Second)
+	after := c.taskPID(t)
+	if after != before {
+		t.Fatalf("task pid %d after the client restart, was %d: the task was restarted, not recovered", after, before)
+	}
+	if err := syscall.Kill(before, 0); err != nil {
+		t.Fatalf("the task process %d is gone: %v", before, err)
+	}
+	allocs, _, _ := c.api.Jobs().Allocations("http", false, nil)
+	for _, a := range allocs {
+		for _, ts := range a.TaskStates {
+			if ts.Restarts != 0 {
+				t.Fatalf("task restarted %d times", ts.Restarts)
+			}
+		}
+	}
+	code, _, err := c.httpGet(t, fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port), 10*time.Second)
+	if err != nil || code != 200 {
+		t.Fatalf("GET after restart: %d %v", code, err)
+	}
+}
+
+// taskPID finds the python process of the running http allocation.
+func (c *cluster) taskPID(t *testing.T) int {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		allocs, _, err := c.api.Jobs().Allocations("http", false, nil)
+		if err == nil {
+			for _, a := range allocs {
+				if a.ClientStatus == "running" {
+					return findProcess(t, "http.server", a.ID)
+				}
+			}
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Fatal("no running http allocation")
+	return 0
+}
+
+// findProcess returns the pid of the process whose command line contains
+// all of the given parts.
+func findProcess(t *testing.T, parts ...string) int {
+	t.Helper()
+	matches, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, m := range matches {
+		b, err := os.ReadFile(m)
+		if err != nil {
+			continue
+		}
+		cmd := strings.ReplaceAll(string(b), "\x00", " ")
+		ok := true
+		for _, p := range parts {
+			ok = ok && strings.Contains(cmd, p)
+		}
+		if ok {
+			pid, _ := strconv.Atoi(strings.Split(m, "/")[2])
+			return pid
+		}
+	}
+	t.Fatalf("no process with %v", parts)
+	return 0
+}
