@@ -177,6 +177,7 @@ plugin "nomad-driver-zeroscale" {
 		n.Stop()
 		uninstall(plugin, n.PinPath)
 		unmountUnder(dir)
+		unmountUnder(dataDir)
 	})
 	if !opts.NoWait {
 		n.WaitForDriver(90 * time.Second)
