@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -192,4 +193,18 @@ func fold(s uint32) uint16 {
 		s = s&0xffff + s>>16
 	}
 	return uint16(s)
+}
+
+// PrepareLoopbackReplay lets the stack take SYNs replayed on lo: a frame
+// injected there has a local source (127.0.0.1 or the node's own address),
+// which input routing drops as martian unless lo accepts local sources and
+// routes 127/8. Only lo's settings change.
+func PrepareLoopbackReplay() error {
+	for _, name := range []string{"accept_local", "route_localnet"} {
+		path := "/proc/sys/net/ipv4/conf/lo/" + name
+		if err := os.WriteFile(path, []byte("1"), 0o644); err != nil {
+			return fmt.Errorf("set %s: %w", path, err)
+		}
+	}
+	return nil
 }

@@ -247,6 +247,13 @@ func (a *nodeAgent) attachInterfaces() {
 			continue
 		}
 		a.logger.Info("gating interface", "interface", name, "mode", mode)
+		if name == "lo" && a.settings.SYNReplay {
+			if err := bpf.PrepareLoopbackReplay(); err != nil {
+				a.logger.Warn("SYNs replayed on lo will be dropped; local clients wait for their retransmit", "error", err)
+			} else {
+				a.logger.Info("set accept_local and route_localnet on lo so replayed SYNs from local clients are taken")
+			}
+		}
 	}
 }
 

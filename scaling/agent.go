@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/netip"
-	"sync"
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
@@ -111,8 +110,6 @@ type Agent struct {
 	// recentListens are listen events of the last seconds: a woken service
 	// may listen before its new address is registered in Consul.
 	recentListens []listenSeen
-
-	closeOnce sync.Once
 }
 
 type pendingEvent struct {
