@@ -214,10 +214,14 @@ func (d *Driver) fingerprint() *drivers.Fingerprint {
 		Health:            drivers.HealthStateHealthy,
 		HealthDescription: drivers.DriverHealthy,
 	}
-	if !gate.Supported && gate.Reason != "" {
-		fp.Attributes["driver.zeroscale.gate.reason"] = pstructs.NewStringAttribute(gate.Reason)
+	// Always sent: Nomad keeps a driver attribute until a fingerprint sets it
+	// to "", which removes it.
+	reason := ""
+	if !gate.Supported {
+		reason = gate.Reason
 		fp.HealthDescription = "Healthy; XDP gate unavailable: " + gate.Reason
 	}
+	fp.Attributes["driver.zeroscale.gate.reason"] = pstructs.NewStringAttribute(reason)
 	if issue != "" {
 		fp.Health = drivers.HealthStateUnhealthy
 		fp.HealthDescription = issue

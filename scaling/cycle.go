@@ -71,14 +71,14 @@ func (a *Agent) idleCheck(g *group, now time.Time) {
 func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 	status, err := a.cfg.Nomad.ScaleStatus(g.id)
 	if err != nil {
-		a.logger.Warn("cannot read the group's count", "group", g.id, "error", err)
+		a.logger.Warn("cannot read the group's count", "group", g.id.String(), "error", err)
 		a.cfg.Metrics.Errors.WithLabelValues("nomad").Inc()
 		g.nextIdleCheck = now.Add(10 * time.Second)
 		return
 	}
 	if status.Desired > g.policy.WakeCount {
 		// Above wake_count the Nomad Autoscaler owns the count.
-		a.logger.Debug("idle but scaled above wake_count; left to the autoscaler", "group", g.id, "count", status.Desired)
+		a.logger.Debug("idle but scaled above wake_count; left to the autoscaler", "group", g.id.String(), "count", status.Desired)
 		g.nextIdleCheck = now.Add(g.policy.IdleTimeout)
 		return
 	}
@@ -94,13 +94,13 @@ func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 	sort.Strings(allocs)
 	if len(addrs) == 0 {
 		// Nothing registered in Consul: nothing could wake it again.
-		a.logger.Debug("idle but no registered address to gate", "group", g.id, "count", status.Desired)
+		a.logger.Debug("idle but no registered address to gate", "group", g.id.String(), "count", status.Desired)
 		g.nextIdleCheck = now.Add(10 * time.Second)
 		return
 	}
 	reason := "idle for " + idle.Round(time.Second).String()
 	if a.cfg.DryRun {
-		a.logger.Info("dry run: would scale the group to 0", "group", g.id, "reason", reason)
+		a.logger.Info("dry run: would scale the group to 0", "group", g.id.String(), "reason", reason)
 		a.cfg.Metrics.DryRunDecisions.WithLabelValues("sleep").Inc()
 		g.nextIdleCheck = now.Add(g.policy.IdleTimeout)
 		return
@@ -109,11 +109,11 @@ func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 		Phase: consul.PhaseParking, Epoch: g.state.Epoch + 1, Since: now, Addresses: addrs, Allocs: allocs, Reason: reason,
 	}
 	if err := a.swap(g, next); err != nil {
-		a.logger.Debug("could not start parking", "group", g.id, "error", err)
+		a.logger.Debug("could not start parking", "group", g.id.String(), "error", err)
 		return
 	}
 	g.parkDeadline = now.Add(a.cfg.ParkAckTimeout)
-	a.logger.Info("parking idle group", "group", g.id, "reason", reason, "addresses", len(addrs))
+	a.logger.Info("parking idle group", "group", g.id.String(), "reason", reason, "addresses", len(addrs))
 }
 
 // parkingProgress waits until every node serving an address has closed its
@@ -178,7 +178,7 @@ func (a *Agent) undoParking(g *group, reason string) {
 		return
 	}
 	a.cfg.Metrics.ParkingUndone.WithLabelValues(g.id.Namespace, g.id.Job, g.id.Group).Inc()
-	a.logger.Info("parking undone", "group", g.id, "reason", reason)
+	a.logger.Info("parking undone", "group", g.id.String(), "reason", reason)
 	// Do not try again at once: traffic restarts the idle clock anyway, and
 	// a node that did not answer gets time to recover.
 	g.nextIdleCheck = a.clock.Now().Add(30 * time.Second)
@@ -199,11 +199,11 @@ func (a *Agent) commitSleep(g *group, now time.Time) {
 		back.Phase, back.Since, back.Reason = consul.PhaseAwake, now, "scale-down failed: "+err.Error()
 		awakeAt := g.awakeAt // it never slept: the idle clock goes on
 		if serr := a.swap(g, back); serr != nil {
-			a.logger.Warn("cannot revert a failed scale-down", "group", g.id, "error", serr)
+			a.logger.Warn("cannot revert a failed scale-down", "group", g.id.String(), "error", serr)
 		}
 		g.awakeAt = awakeAt
 		if IsDeploymentBlock(err) {
-			a.logger.Info("scale-down blocked by an active deployment; will retry", "group", g.id)
+			a.logger.Info("scale-down blocked by an active deployment; will retry", "group", g.id.String())
 			g.nextIdleCheck = now.Add(30 * time.Second)
 			return
 		}
@@ -212,7 +212,7 @@ func (a *Agent) commitSleep(g *group, now time.Time) {
 		return
 	}
 	a.cfg.Metrics.Sleeps.WithLabelValues(g.id.Namespace, g.id.Job, g.id.Group).Inc()
-	a.logger.Info("group asleep", "group", g.id, "reason", g.state.Reason)
+	a.logger.Info("group asleep", "group", g.id.String(), "reason", g.state.Reason)
 }
 
 // ---------------------------------------------------------------- waking
@@ -260,11 +260,11 @@ func (a *Agent) onConnect(g *group, ev bpf.Event) {
 			}
 			// Consul unreachable: do not lose the wake; Nomad's count check
 			// keeps concurrent wakers from scaling twice.
-			a.logger.Warn("cannot record the wake in Consul; waking anyway", "group", g.id, "error", err)
+			a.logger.Warn("cannot record the wake in Consul; waking anyway", "group", g.id.String(), "error", err)
 		}
 		wake.winner = true
 		g.wake = wake
-		a.logger.Info("waking group", "group", g.id, "from", ev.Source, "wake_count", g.policy.WakeCount)
+		a.logger.Info("waking group", "group", g.id.String(), "from", ev.Source, "wake_count", g.policy.WakeCount)
 		a.tryScaleUp(g, now)
 	case consul.PhaseWaking:
 		if g.wake != nil && g.wake.firstMono == 0 && ev.Mono != 0 {
@@ -284,7 +284,7 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 	if err != nil {
 		a.cfg.Metrics.Errors.WithLabelValues("nomad").Inc()
 		w.nextTry = now.Add(backoff(w.tries))
-		a.logger.Warn("cannot read the group's count; retrying", "group", g.id, "error", err)
+		a.logger.Warn("cannot read the group's count; retrying", "group", g.id.String(), "error", err)
 		return
 	}
 	if status.Desired > 0 {
@@ -306,7 +306,7 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 	a.cfg.Metrics.Errors.WithLabelValues("scale_up").Inc()
 	if Retryable(err) {
 		w.nextTry = now.Add(backoff(w.tries))
-		a.logger.Info("wake scale-up refused for now; retrying", "group", g.id, "error", err, "retry_in", w.nextTry.Sub(now))
+		a.logger.Info("wake scale-up refused for now; retrying", "group", g.id.String(), "error", err, "retry_in", w.nextTry.Sub(now).String())
 		return
 	}
 	w.failed = err.Error()
@@ -341,15 +341,15 @@ func (a *Agent) wakeTimedOut(g *group, now time.Time) {
 		msg += " (" + g.wake.failed + ")"
 	}
 	a.cfg.Metrics.Errors.WithLabelValues("wake_timeout").Inc()
-	a.logger.Error(msg, "group", g.id)
+	a.logger.Error(msg, "group", g.id.String())
 	if err := a.cfg.Nomad.Scale(g.id, nil, msg, true, map[string]any{"zeroscale": "wake_timeout", "node": a.node}); err != nil {
-		a.logger.Warn("cannot record a scaling event", "group", g.id, "error", err)
+		a.logger.Warn("cannot record a scaling event", "group", g.id.String(), "error", err)
 	}
 	back := g.state
 	back.Phase, back.Since, back.Reason = consul.PhaseAsleep, now, "wake timed out"
 	g.wake = nil
 	if err := a.swap(g, back); err != nil {
-		a.logger.Debug("wake timeout: state changed meanwhile", "group", g.id, "error", err)
+		a.logger.Debug("wake timeout: state changed meanwhile", "group", g.id.String(), "error", err)
 	}
 }
 
@@ -428,7 +428,7 @@ func (a *Agent) markReady(g *group, keys []bpf.Key, how string) {
 		next.Reason += " " + gateLatency.Round(time.Millisecond).String() + " after the first SYN"
 	}
 	if err := a.swap(g, next); err != nil && !errors.Is(err, consul.ErrConflict) {
-		a.logger.Warn("cannot record that the group is awake", "group", g.id, "error", err)
+		a.logger.Warn("cannot record that the group is awake", "group", g.id.String(), "error", err)
 	}
-	a.logger.Info("group awake", "group", g.id, "ready", how, "gate_open_after", gateLatency)
+	a.logger.Info("group awake", "group", g.id.String(), "ready", how, "gate_open_after", gateLatency.String())
 }

@@ -133,7 +133,7 @@ func (a *Agent) OnPolicies(stubs []PolicyStub) {
 		}
 		data, err := a.cfg.Nomad.Policy(stub.ID)
 		if err != nil {
-			a.logger.Warn("cannot read scaling policy", "policy", stub.ID, "group", stub.Target, "error", err)
+			a.logger.Warn("cannot read scaling policy", "policy", stub.ID, "group", stub.Target.String(), "error", err)
 			if known {
 				seen[stub.Target] = true // keep what we have
 			}
@@ -161,7 +161,7 @@ func (a *Agent) OnPolicies(stubs []PolicyStub) {
 			continue
 		}
 		if g.policy == nil {
-			a.logger.Info("gating group", "group", g.id, "idle_timeout", policy.IdleTimeout,
+			a.logger.Info("gating group", "group", g.id.String(), "idle_timeout", policy.IdleTimeout.String(),
 				"wake_count", policy.WakeCount, "ready", policy.Ready)
 		}
 		g.policy = &policy
@@ -171,7 +171,7 @@ func (a *Agent) OnPolicies(stubs []PolicyStub) {
 			if st, err := a.cfg.Cluster.GroupState(g.id.Key()); err == nil {
 				a.setState(g, st)
 			} else {
-				a.logger.Warn("cannot read group state", "group", g.id, "error", err)
+				a.logger.Warn("cannot read group state", "group", g.id.String(), "error", err)
 			}
 		}
 	}
@@ -205,7 +205,7 @@ func (a *Agent) Services() []string {
 func (a *Agent) refreshSpec(g *group, now time.Time) {
 	spec, err := a.cfg.Nomad.Group(g.id)
 	if err != nil {
-		a.logger.Warn("cannot read the group's job", "group", g.id, "error", err)
+		a.logger.Warn("cannot read the group's job", "group", g.id.String(), "error", err)
 		return
 	}
 	g.spec, g.specRead = spec, now
@@ -240,35 +240,35 @@ func (a *Agent) reportOnce(g *group, key string, isError bool, msg string) {
 	}
 	g.reported[key] = true
 	if isError {
-		a.logger.Error(msg, "group", g.id)
+		a.logger.Error(msg, "group", g.id.String())
 		a.cfg.Metrics.Errors.WithLabelValues("policy").Inc()
 	} else {
-		a.logger.Info(msg, "group", g.id)
+		a.logger.Info(msg, "group", g.id.String())
 	}
 	if err := a.cfg.Nomad.Scale(g.id, nil, msg, isError, map[string]any{"zeroscale": "report", "node": a.node}); err != nil {
-		a.logger.Warn("cannot record a scaling event", "group", g.id, "error", err)
+		a.logger.Warn("cannot record a scaling event", "group", g.id.String(), "error", err)
 	}
 }
 
 // release stops gating a group whose policy is gone.
 func (a *Agent) release(g *group) {
-	a.logger.Info("releasing group: no zeroscale policy any more", "group", g.id)
+	a.logger.Info("releasing group: no zeroscale policy any more", "group", g.id.String())
 	for k := range g.applied {
 		if !a.cfg.DryRun {
 			if err := a.cfg.Gate.Forget(k); err != nil {
-				a.logger.Warn("cannot remove gate entry", "address", k, "error", err)
+				a.logger.Warn("cannot remove gate entry", "address", k.String(), "error", err)
 			}
 		}
 	}
 	for id, p := range g.registered {
 		if err := a.cfg.Cluster.DeregisterPlaceholder(p); err != nil {
-			a.logger.Warn("cannot remove placeholder", "placeholder", p, "error", err)
+			a.logger.Warn("cannot remove placeholder", "placeholder", p.String(), "error", err)
 		}
 		delete(g.registered, id)
 	}
 	if a.leader && g.state.Index != 0 {
 		if err := a.cfg.Cluster.DeleteGroupState(g.id.Key()); err != nil {
-			a.logger.Warn("cannot delete group state", "group", g.id, "error", err)
+			a.logger.Warn("cannot delete group state", "group", g.id.String(), "error", err)
 		}
 	}
 	delete(a.groups, g.id)
@@ -330,7 +330,7 @@ func (a *Agent) setState(g *group, st consul.GroupState) {
 		return
 	}
 	now := a.clock.Now()
-	a.logger.Debug("group phase", "group", g.id, "from", old.Phase, "to", st.Phase, "by", st.By, "reason", st.Reason)
+	a.logger.Debug("group phase", "group", g.id.String(), "from", old.Phase, "to", st.Phase, "by", st.By, "reason", st.Reason)
 	switch st.Phase {
 	case consul.PhaseAwake:
 		if old.Phase == consul.PhaseAsleep || old.Phase == consul.PhaseWaking {

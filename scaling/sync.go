@@ -83,10 +83,10 @@ func (a *Agent) syncGate(g *group) {
 		}
 		if err != nil {
 			a.cfg.Metrics.Errors.WithLabelValues("gate").Inc()
-			a.logger.Warn("cannot set the gate", "address", k, "state", s, "error", err)
+			a.logger.Warn("cannot set the gate", "address", k.String(), "state", s.String(), "error", err)
 			continue
 		}
-		a.logger.Debug("gate", "group", g.id, "address", k, "state", s)
+		a.logger.Debug("gate", "group", g.id.String(), "address", k.String(), "state", s.String())
 		g.applied[k] = s
 	}
 	for k := range g.applied {
@@ -94,7 +94,7 @@ func (a *Agent) syncGate(g *group) {
 			continue
 		}
 		if err := a.cfg.Gate.Forget(k); err != nil {
-			a.logger.Warn("cannot remove a gate entry", "address", k, "error", err)
+			a.logger.Warn("cannot remove a gate entry", "address", k.String(), "error", err)
 			continue
 		}
 		delete(g.applied, k)
@@ -144,7 +144,7 @@ func (a *Agent) publishActivity(g *group, now time.Time) {
 	}
 	if err := a.cfg.Cluster.PublishActivity(g.id.Key(), r); err != nil {
 		a.cfg.Metrics.Errors.WithLabelValues("consul").Inc()
-		a.logger.Warn("cannot publish activity", "group", g.id, "error", err)
+		a.logger.Warn("cannot publish activity", "group", g.id.String(), "error", err)
 		return
 	}
 	g.lastReport, g.lastReportT = r, now
@@ -199,7 +199,7 @@ func (a *Agent) syncPlaceholders(g *group, now time.Time) {
 		}
 		if err := a.cfg.Cluster.RegisterPlaceholder(p); err != nil {
 			a.cfg.Metrics.Errors.WithLabelValues("consul").Inc()
-			a.logger.Warn("cannot register placeholder", "placeholder", p, "error", err)
+			a.logger.Warn("cannot register placeholder", "placeholder", p.String(), "error", err)
 			continue
 		}
 		g.registered[id] = p
@@ -209,7 +209,7 @@ func (a *Agent) syncPlaceholders(g *group, now time.Time) {
 			continue
 		}
 		if err := a.cfg.Cluster.DeregisterPlaceholder(p); err != nil {
-			a.logger.Warn("cannot remove placeholder", "placeholder", p, "error", err)
+			a.logger.Warn("cannot remove placeholder", "placeholder", p.String(), "error", err)
 			continue
 		}
 		delete(g.registered, id)
@@ -353,7 +353,7 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 			msg += "; replayed SYNs: " + strings.Join(parts, ", ")
 		}
 		if err := a.cfg.Nomad.Scale(id, nil, msg, false, meta); err != nil {
-			a.logger.Warn("cannot record the wake latency", "group", id, "error", err)
+			a.logger.Warn("cannot record the wake latency", "group", id.String(), "error", err)
 		}
 	})
 }
@@ -369,7 +369,7 @@ func (a *Agent) replayOne(c capture) string {
 			if errors.Is(err, bpf.ErrReplayUnsupported) {
 				return "unsupported"
 			}
-			a.logger.Debug("SYN replay failed; the client will retransmit", "client", c.source, "error", err)
+			a.logger.Debug("SYN replay failed; the client will retransmit", "client", c.source.String(), "error", err)
 			return "fallback_retransmit"
 		case res == bpf.ReplayPassed:
 			return "passed"
