@@ -3,13 +3,10 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,17 +17,16 @@ import (
 	"github.com/zeroscale/nomad-driver-zeroscale/e2e/harness"
 )
 
-// inNS runs a client program inside the client namespace.
-func (c *cluster) inNS(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
+func inNS(t *testing.T, c *harness.Cluster, timeout time.Duration, name string, args ...string) (string, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	out, err := c.net.Command(ctx, name, args...).CombinedOutput()
+	out, err := c.Net.Command(ctx, name, args...).CombinedOutput()
 	return string(out), err
 }
 
-func (c *cluster) consulDNSPort(t *testing.T) string {
-	_, port, err := net.SplitHostPort(c.consul.DNSAddr)
+func consulDNSPort(t *testing.T, c *harness.Cluster) string {
+	_, port, err := net.SplitHostPort(c.Consul.DNSAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,28 +34,28 @@ func (c *cluster) consulDNSPort(t *testing.T) string {
 }
 
 func TestNginxSleepsDespiteChecksWakesOnCurl(t *testing.T) {
-	c := newCluster(t, clusterOpts{})
-	port := freePort(t, c.net.HostAddr)
-	c.run(t, example(t, "nginx.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
-	c.waitHealthy(t, "nginx", 90*time.Second)
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := harness.FreePort(t, c.Net.HostAddr)
+	c.Run(t, harness.Example(t, "nginx.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.WaitHealthy(t, "nginx", 90*time.Second)
 
 	// Consul checks it over HTTP every second; it sleeps all the same.
-	c.waitDesired(t, "nginx", "nginx", 0, 60*time.Second)
+	c.WaitDesired(t, "nginx", "nginx", 0, 60*time.Second)
 
 	// While asleep, DNS still answers with its address (the placeholder).
-	out, err := exec.Command("dig", "+short", "-p", c.consulDNSPort(t), "@127.0.0.1", "nginx.service.consul").CombinedOutput()
-	if err != nil || strings.TrimSpace(string(out)) != c.net.HostAddr.String() {
+	out, err := exec.Command("dig", "+short", "-p", consulDNSPort(t, c), "@127.0.0.1", "nginx.service.consul").CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != c.Net.HostAddr.String() {
 		t.Fatalf("dig while asleep: %q %v", out, err)
 	}
 
-	url := fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port)
+	url := fmt.Sprintf("http://%s:%d/", c.Net.HostAddr, port)
 	began := time.Now()
-	out2, err := c.inNS(t, 60*time.Second, "curl", "-sS", "-m", "30", "-o", "-", "-w", "\n%{http_code}", url)
+	out2, err := inNS(t, c, 60*time.Second, "curl", "-sS", "-m", "30", "-o", "-", "-w", "\n%{http_code}", url)
 	if err != nil || !strings.HasSuffix(strings.TrimSpace(out2), "200") || !strings.Contains(out2, "nginx woke up for you") {
-		t.Fatalf("curl from the namespace: %v\n%s\n%s", err, out2, c.diagnose(t))
+		t.Fatalf("curl from the namespace: %v\n%s\n%s", err, out2, c.Diagnose(t))
 	}
 	t.Logf("curl woke nginx and got 200 in %v", time.Since(began))
-	if n := countEvents(c.scaleEvents(t, "nginx", "nginx"), 1); n != 1 {
+	if n := harness.CountScaleTo(c.ScaleEvents(t, "nginx", "nginx"), 1); n != 1 {
 		t.Fatalf("%d scale-up events, want 1", n)
 	}
 }
@@ -68,55 +64,37 @@ func TestPostgresWakesOnPsql(t *testing.T) {
 	if _, err := os.Stat("/usr/lib/postgresql/15/bin/postgres"); err != nil {
 		t.Fatal("PostgreSQL 15 is not installed (make test installs Debian's postgresql)")
 	}
-	c := newCluster(t, clusterOpts{})
-	port := freePort(t, c.net.HostAddr)
-	c.run(t, example(t, "postgres.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
-	c.waitHealthy(t, "postgres", 120*time.Second)
-	c.waitDesired(t, "postgres", "postgres", 0, 90*time.Second)
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := harness.FreePort(t, c.Net.HostAddr)
+	c.Run(t, harness.Example(t, "postgres.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.WaitHealthy(t, "postgres", 120*time.Second)
+	c.WaitDesired(t, "postgres", "postgres", 0, 90*time.Second)
 
 	began := time.Now()
-	out, err := c.inNS(t, 120*time.Second, "psql", "-h", c.net.HostAddr.String(), "-p", fmt.Sprint(port),
+	out, err := inNS(t, c, 120*time.Second, "psql", "-h", c.Net.HostAddr.String(), "-p", fmt.Sprint(port),
 		"-U", "postgres", "-d", "postgres", "-At", "-c", "select 6 * 7")
 	if err != nil || strings.TrimSpace(out) != "42" {
-		t.Fatalf("psql from the namespace: %v\n%s\n%s", err, out, c.diagnose(t))
+		t.Fatalf("psql from the namespace: %v\n%s\n%s", err, out, c.Diagnose(t))
 	}
 	t.Logf("psql woke PostgreSQL and ran a query in %v", time.Since(began))
-	if n := countEvents(c.scaleEvents(t, "postgres", "postgres"), 1); n != 1 {
+	if n := harness.CountScaleTo(c.ScaleEvents(t, "postgres", "postgres"), 1); n != 1 {
 		t.Fatalf("%d scale-up events, want 1", n)
 	}
-}
-
-// metric reads one series from the plugin's /metrics.
-func metric(t *testing.T, addr, name string) float64 {
-	t.Helper()
-	resp, err := http.Get("http://" + addr + "/metrics")
-	if err != nil {
-		t.Fatalf("metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` ([0-9.e+-]+)$`)
-	m := re.FindStringSubmatch(string(b))
-	if m == nil {
-		return 0
-	}
-	v, _ := strconv.ParseFloat(m[1], 64)
-	return v
 }
 
 func TestStormOf200ConnectsWakesOnce(t *testing.T) {
 	metricsPort := harness.FreePorts(t, 1)[0]
 	metricsAddr := fmt.Sprintf("127.0.0.1:%d", metricsPort)
-	c := newCluster(t, clusterOpts{pluginConfig: fmt.Sprintf("metrics_address = %q\n", metricsAddr)})
-	port := freePort(t, c.net.HostAddr)
+	c := harness.NewCluster(t, harness.ClusterOptions{PluginConfig: fmt.Sprintf("metrics_address = %q\n", metricsAddr)})
+	port := harness.FreePort(t, c.Net.HostAddr)
 	// nginx: its listen backlog (511) takes a storm; Python's (5) would not,
 	// gated or not.
-	c.run(t, example(t, "nginx.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
-	c.waitHealthy(t, "nginx", 90*time.Second)
-	c.waitDesired(t, "nginx", "nginx", 0, 60*time.Second)
+	c.Run(t, harness.Example(t, "nginx.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.WaitHealthy(t, "nginx", 90*time.Second)
+	c.WaitDesired(t, "nginx", "nginx", 0, 60*time.Second)
 
 	const clients = 200
-	url := fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port)
+	url := fmt.Sprintf("http://%s:%d/", c.Net.HostAddr, port)
 	var wg sync.WaitGroup
 	errs := make(chan error, clients)
 	began := time.Now()
@@ -124,7 +102,7 @@ func TestStormOf200ConnectsWakesOnce(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			code, _, err := c.httpGet(t, url, 60*time.Second)
+			code, _, err := c.HTTPGet(url, 60*time.Second)
 			if err == nil && code != 200 {
 				err = fmt.Errorf("status %d", code)
 			}
@@ -144,13 +122,13 @@ func TestStormOf200ConnectsWakesOnce(t *testing.T) {
 		t.Fatalf("%d of %d concurrent clients failed", failed, clients)
 	}
 	t.Logf("%d concurrent clients all served in %v", clients, time.Since(began))
-	if n := countEvents(c.scaleEvents(t, "nginx", "nginx"), 1); n != 1 {
+	if n := harness.CountScaleTo(c.ScaleEvents(t, "nginx", "nginx"), 1); n != 1 {
 		t.Fatalf("%d scale-up events for %d connects, want 1", n, clients)
 	}
 	time.Sleep(time.Second) // replays finish off the loop
-	passed := metric(t, metricsAddr, `zeroscale_syn_replays_total{result="passed"}`)
-	fallback := metric(t, metricsAddr, `zeroscale_syn_replays_total{result="fallback_retransmit"}`)
-	connected := metric(t, metricsAddr, `zeroscale_syn_replays_total{result="already_connected"}`)
+	passed := harness.Metric(t, metricsAddr, `zeroscale_syn_replays_total{result="passed"}`)
+	fallback := harness.Metric(t, metricsAddr, `zeroscale_syn_replays_total{result="fallback_retransmit"}`)
+	connected := harness.Metric(t, metricsAddr, `zeroscale_syn_replays_total{result="already_connected"}`)
 	t.Logf("SYN replay: %v passed, %v fell back to the client's retransmit, %v already connected", passed, fallback, connected)
 	if passed == 0 {
 		t.Fatal("no SYN was replayed")
@@ -158,34 +136,34 @@ func TestStormOf200ConnectsWakesOnce(t *testing.T) {
 }
 
 func TestQuietConnectionKeepsItAwake(t *testing.T) {
-	c := newCluster(t, clusterOpts{})
-	port := freePort(t, c.net.HostAddr)
-	c.run(t, example(t, "http.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "4s"})
-	c.waitHealthy(t, "http", 90*time.Second)
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := harness.FreePort(t, c.Net.HostAddr)
+	c.Run(t, harness.Example(t, "http.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "4s"})
+	c.WaitHealthy(t, "http", 90*time.Second)
 
-	conn, err := c.net.Dial(context.Background(), "tcp", fmt.Sprintf("%s:%d", c.net.HostAddr, port))
+	conn, err := c.Net.Dial(context.Background(), "tcp", fmt.Sprintf("%s:%d", c.Net.HostAddr, port))
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Open, silent, for four idle timeouts.
 	time.Sleep(16 * time.Second)
-	st, _, err := c.api.Jobs().ScaleStatus("http", nil)
+	st, _, err := c.API.Jobs().ScaleStatus("http", nil)
 	if err != nil || st.TaskGroups["http"].Desired != 1 {
 		t.Fatalf("with an open connection the group went to %d (%v)", st.TaskGroups["http"].Desired, err)
 	}
 	conn.Close()
 	began := time.Now()
-	c.waitDesired(t, "http", "http", 0, 60*time.Second)
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
 	t.Logf("slept %v after the connection closed (idle_timeout 4s)", time.Since(began))
 }
 
 func TestAnyDriverIsGated(t *testing.T) {
-	c := newCluster(t, clusterOpts{})
-	port := freePort(t, c.net.HostAddr)
-	c.run(t, example(t, "raw_exec.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
-	c.waitHealthy(t, "raw", 90*time.Second)
-	c.waitDesired(t, "raw", "raw", 0, 60*time.Second)
-	code, body, err := c.httpGet(t, fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port), 30*time.Second)
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := harness.FreePort(t, c.Net.HostAddr)
+	c.Run(t, harness.Example(t, "raw_exec.Nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.WaitHealthy(t, "raw", 90*time.Second)
+	c.WaitDesired(t, "raw", "raw", 0, 60*time.Second)
+	code, body, err := c.HTTPGet(fmt.Sprintf("http://%s:%d/", c.Net.HostAddr, port), 30*time.Second)
 	if err != nil || code != 200 || !strings.Contains(body, "raw_exec") {
 		t.Fatalf("GET the raw_exec service: %d %q %v", code, body, err)
 	}
@@ -193,37 +171,37 @@ func TestAnyDriverIsGated(t *testing.T) {
 
 // pluginPID finds the zeroscale plugin process this Nomad agent started
 // (not an executor, which runs the same binary with arguments).
-func (c *cluster) pluginPID(t *testing.T) int {
+func pluginPID(t *testing.T, c *harness.Cluster) int {
 	t.Helper()
-	if pid := c.pluginPIDOrZero(); pid != 0 {
+	if pid := pluginPIDOrZero(c); pid != 0 {
 		return pid
 	}
 	t.Fatal("plugin process not found")
 	return 0
 }
 
-func (c *cluster) ownsPlugin(path string) bool {
-	return strings.Contains(c.nomad.Output(), path)
+func ownsPlugin(c *harness.Cluster, path string) bool {
+	return strings.Contains(c.Nomad.Output(), path)
 }
 
 func TestPluginKilledWhileAsleepStillWakes(t *testing.T) {
-	c := newCluster(t, clusterOpts{})
-	port := freePort(t, c.net.HostAddr)
-	c.run(t, example(t, "http.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
-	c.waitHealthy(t, "http", 90*time.Second)
-	c.waitDesired(t, "http", "http", 0, 60*time.Second)
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := harness.FreePort(t, c.Net.HostAddr)
+	c.Run(t, harness.Example(t, "http.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.WaitHealthy(t, "http", 90*time.Second)
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
 
-	pid := c.pluginPID(t)
+	pid := pluginPID(t, c)
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	// While no plugin runs, the pinned gate keeps the address parked: a
 	// connect is held, not refused.
-	url := fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port)
+	url := fmt.Sprintf("http://%s:%d/", c.Net.HostAddr, port)
 	// Nomad notices the dead plugin and starts it again.
 	deadline := time.Now().Add(90 * time.Second)
 	for {
-		if p := c.pluginPIDOrZero(); p != 0 && p != pid {
+		if p := pluginPIDOrZero(c); p != 0 && p != pid {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -231,16 +209,16 @@ func TestPluginKilledWhileAsleepStillWakes(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	code, _, err := c.httpGet(t, url, 60*time.Second)
+	code, _, err := c.HTTPGet(url, 60*time.Second)
 	if err != nil || code != 200 {
-		t.Fatalf("GET after the plugin restarted: %d %v\n%s", code, err, c.diagnose(t))
+		t.Fatalf("GET after the plugin restarted: %d %v\n%s", code, err, c.Diagnose(t))
 	}
-	if n := countEvents(c.scaleEvents(t, "http", "http"), 1); n != 1 {
+	if n := harness.CountScaleTo(c.ScaleEvents(t, "http", "http"), 1); n != 1 {
 		t.Fatalf("%d scale-up events, want 1", n)
 	}
 }
 
-func (c *cluster) pluginPIDOrZero() int {
+func pluginPIDOrZero(c *harness.Cluster) int {
 	matches, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, m := range matches {
 		b, err := os.ReadFile(m)
@@ -248,7 +226,7 @@ func (c *cluster) pluginPIDOrZero() int {
 			continue
 		}
 		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-		if len(args) == 1 && strings.HasSuffix(args[0], "/nomad-driver-zeroscale") && c.ownsPlugin(args[0]) {
+		if len(args) == 1 && strings.HasSuffix(args[0], "/nomad-driver-zeroscale") && ownsPlugin(c, args[0]) {
 			pid, _ := strconv.Atoi(strings.Split(m, "/")[2])
 			return pid
 		}
@@ -264,22 +242,22 @@ func TestClientRestartRecoversTasks(t *testing.T) {
 	if err := os.Chmod(filepath.Dir(dataDir), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	c := newCluster(t, clusterOpts{dataDir: dataDir, persistent: true})
-	port := freePort(t, c.net.HostAddr)
-	c.run(t, example(t, "http.nomad.hcl"), map[string]string{"node": c.node, "port": fmt.Sprint(port), "idle_timeout": "1h"})
-	c.waitHealthy(t, "http", 90*time.Second)
-	before := c.taskPID(t)
+	c := harness.NewCluster(t, harness.ClusterOptions{DataDir: dataDir, Persistent: true})
+	port := harness.FreePort(t, c.Net.HostAddr)
+	c.Run(t, harness.Example(t, "http.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "1h"})
+	c.WaitHealthy(t, "http", 90*time.Second)
+	before := taskPID(t, c)
 
-	c.nomad.Restart(t)
-	c.waitHealthy(t, "http", 60*time.Second)
-	after := c.taskPID(t)
+	c.Nomad.Restart(t)
+	c.WaitHealthy(t, "http", 60*time.Second)
+	after := taskPID(t, c)
 	if after != before {
 		t.Fatalf("task pid %d after the client restart, was %d: the task was restarted, not recovered", after, before)
 	}
 	if err := syscall.Kill(before, 0); err != nil {
 		t.Fatalf("the task process %d is gone: %v", before, err)
 	}
-	allocs, _, _ := c.api.Jobs().Allocations("http", false, nil)
+	allocs, _, _ := c.API.Jobs().Allocations("http", false, nil)
 	for _, a := range allocs {
 		for _, ts := range a.TaskStates {
 			if ts.Restarts != 0 {
@@ -287,18 +265,18 @@ func TestClientRestartRecoversTasks(t *testing.T) {
 			}
 		}
 	}
-	code, _, err := c.httpGet(t, fmt.Sprintf("http://%s:%d/", c.net.HostAddr, port), 10*time.Second)
+	code, _, err := c.HTTPGet(fmt.Sprintf("http://%s:%d/", c.Net.HostAddr, port), 10*time.Second)
 	if err != nil || code != 200 {
 		t.Fatalf("GET after restart: %d %v", code, err)
 	}
 }
 
 // taskPID finds the python process of the running http allocation.
-func (c *cluster) taskPID(t *testing.T) int {
+func taskPID(t *testing.T, c *harness.Cluster) int {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		allocs, _, err := c.api.Jobs().Allocations("http", false, nil)
+		allocs, _, err := c.API.Jobs().Allocations("http", false, nil)
 		if err == nil {
 			for _, a := range allocs {
 				if a.ClientStatus == "running" {

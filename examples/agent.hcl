@@ -11,7 +11,9 @@ plugin "nomad-driver-zeroscale" {
 
     # XDP mode per interface: "auto" (native on NICs, generic on virtual
     # devices), "native" or "generic".
-    # xdp_mode = { eth0 = "native" }
+    # xdp_mode {
+    #   eth0 = "native"
+    # }
 
     # Prometheus metrics; "" turns them off.
     metrics_address = "127.0.0.1:9464"

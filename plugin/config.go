@@ -16,7 +16,7 @@ import (
 // configSpec is the `plugin "nomad-driver-zeroscale" { config { … } }` block.
 var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"interfaces": hclspec.NewAttr("interfaces", "list(string)", false),
-	"xdp_mode":   hclspec.NewAttr("xdp_mode", "map(string)", false),
+	"xdp_mode":   hclspec.NewBlockAttrs("xdp_mode", "string", false),
 	"metrics_address": hclspec.NewDefault(
 		hclspec.NewAttr("metrics_address", "string", false),
 		hclspec.NewLiteral(`"127.0.0.1:9464"`),

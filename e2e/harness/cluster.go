@@ -1,0 +1,233 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	napi "github.com/hashicorp/nomad/api"
+	"github.com/zeroscale/nomad-driver-zeroscale/internal/testnet"
+)
+
+// Cluster is one node as users run it: Consul, Nomad with the plugin, and a
+// client namespace reaching the node over a veth pair.
+type Cluster struct {
+	Net    *testnet.Net
+	Consul *Consul
+	Nomad  *Nomad
+	API    *napi.Client
+	Node   string // Nomad node name, for the examples' pin
+}
+
+// ClusterOptions tunes NewCluster.
+type ClusterOptions struct {
+	// PluginConfig is added to the plugin's config block.
+	PluginConfig string
+	Persistent   bool
+	DataDir      string
+}
+
+// NewCluster starts everything; the node's network interface is the veth's
+// host end (IPv4 only), so static ports bind there.
+func NewCluster(t testing.TB, opts ClusterOptions) *Cluster {
+	t.Helper()
+	n := testnet.NewIPv4(t)
+	c := StartConsul(t, ConsulOptions{})
+	cfg := fmt.Sprintf("interfaces = [%q, \"lo\"]\nmetrics_address = \"\"\n", n.HostIf) + opts.PluginConfig
+	nomad := StartNomad(t, NomadOptions{Consul: c, NetworkInterface: n.HostIf, PluginConfig: cfg,
+		DataDir: opts.DataDir, Persistent: opts.Persistent})
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("plugin log:\n%s", Tail(nomad.PluginLog(), 150))
+		}
+	})
+	cl := &Cluster{Net: n, Consul: c, Nomad: nomad, API: nomad.Client(t)}
+	cl.Node = nomad.Node(t).Name
+	return cl
+}
+
+// Tail returns the last lines of s.
+func Tail(s string, lines int) string {
+	all := strings.Split(s, "\n")
+	if len(all) > lines {
+		all = all[len(all)-lines:]
+	}
+	return strings.Join(all, "\n")
+}
+
+// Example is the path of an example job.
+func Example(t testing.TB, name string) string {
+	return filepath.Join(RepoRoot(t), "examples", "jobs", name)
+}
+
+// Run submits a job file with variables.
+func (c *Cluster) Run(t testing.TB, file string, vars map[string]string) {
+	t.Helper()
+	args := []string{"job", "run", "-detach"}
+	for k, v := range vars {
+		args = append(args, "-var", k+"="+v)
+	}
+	args = append(args, file)
+	if out, err := c.Nomad.CLI(t, args...); err != nil {
+		t.Fatalf("nomad job run: %v\n%s", err, out)
+	}
+}
+
+// RunExample runs an example on a free port of the node with a short
+// idle_timeout and waits until its service is healthy. It returns the port.
+func (c *Cluster) RunExample(t testing.TB, file, service, idle string) int {
+	t.Helper()
+	port := FreePort(t, c.Net.HostAddr)
+	c.Run(t, Example(t, file), map[string]string{"node": c.Node, "port": strconv.Itoa(port), "idle_timeout": idle})
+	c.WaitHealthy(t, service, 120*time.Second)
+	return port
+}
+
+// WaitHealthy waits for a passing Nomad-registered instance of service.
+func (c *Cluster) WaitHealthy(t testing.TB, service string, timeout time.Duration) {
+	t.Helper()
+	api := c.Consul.Client(t, "")
+	deadline := time.Now().Add(timeout)
+	for {
+		entries, _, err := api.Health().Service(service, "", true, nil)
+		if err == nil {
+			for _, e := range entries {
+				if e.Service.Meta["external-source"] == "nomad" {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("service %s not healthy within %s\n%s", service, timeout, c.Diagnose(t))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// WaitDesired waits until the group's count is want (and, for 0, nothing
+// runs any more).
+func (c *Cluster) WaitDesired(t testing.TB, job, group string, want int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st, _, err := c.API.Jobs().ScaleStatus(job, nil)
+		if err == nil && st.TaskGroups[group].Desired == want && (want > 0 || st.TaskGroups[group].Running == 0) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("group %s not at %d within %s\n%s", group, want, timeout, c.Diagnose(t))
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// ScaleEvents returns the group's scaling events, oldest first.
+func (c *Cluster) ScaleEvents(t testing.TB, job, group string) []napi.ScalingEvent {
+	t.Helper()
+	st, _, err := c.API.Jobs().ScaleStatus(job, nil)
+	if err != nil {
+		t.Fatalf("scale status: %v", err)
+	}
+	evs := st.TaskGroups[group].Events
+	out := make([]napi.ScalingEvent, len(evs))
+	for i, e := range evs {
+		out[len(evs)-1-i] = e
+	}
+	return out
+}
+
+// CountScaleTo counts successful scaling events that set the count to n.
+func CountScaleTo(evs []napi.ScalingEvent, n int64) int {
+	count := 0
+	for _, e := range evs {
+		if e.Count != nil && *e.Count == n && !e.Error {
+			count++
+		}
+	}
+	return count
+}
+
+// HTTPGet fetches url from inside the client namespace on a new connection.
+func (c *Cluster) HTTPGet(url string, timeout time.Duration) (int, string, error) {
+	client := &http.Client{
+		Timeout: timeout,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return c.Net.Dial(ctx, network, addr)
+			},
+		},
+	}
+	resp, err := client.Get(url)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body), nil
+}
+
+// URL is http://<node address>:port/.
+func (c *Cluster) URL(port int) string {
+	return fmt.Sprintf("http://%s:%d/", c.Net.HostAddr, port)
+}
+
+// Diagnose describes the jobs and their latest allocations.
+func (c *Cluster) Diagnose(t testing.TB) string {
+	var b strings.Builder
+	jobs, _, _ := c.API.Jobs().List(nil)
+	for _, j := range jobs {
+		out, _ := c.Nomad.CLI(t, "job", "status", "-evals", j.ID)
+		b.WriteString(out)
+		out, _ = c.Nomad.CLI(t, "job", "scaling-events", "-verbose", j.ID)
+		b.WriteString(out)
+		allocs, _, _ := c.API.Jobs().Allocations(j.ID, true, nil)
+		if len(allocs) > 0 {
+			out, _ := c.Nomad.CLI(t, "alloc", "status", "-verbose", allocs[0].ID)
+			b.WriteString(out)
+			for task := range allocs[0].TaskStates {
+				if logs, err := c.Nomad.CLI(t, "alloc", "logs", "-stderr", allocs[0].ID, task); err == nil {
+					b.WriteString("stderr of " + task + ":\n" + Tail(logs, 30) + "\n")
+				}
+			}
+		}
+	}
+	return b.String()
+}
+
+// FreePort returns a free TCP port on addr.
+func FreePort(t testing.TB, addr netip.Addr) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", netip.AddrPortFrom(addr, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Metric reads one series from a /metrics endpoint (0 when absent).
+func Metric(t testing.TB, addr, series string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatalf("metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(series) + ` ([0-9.e+-]+)$`).FindStringSubmatch(string(b))
+	if m == nil {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(m[1], 64)
+	return v
+}
