@@ -160,7 +160,7 @@ func TestQuietConnectionKeepsItAwake(t *testing.T) {
 func TestAnyDriverIsGated(t *testing.T) {
 	c := harness.NewCluster(t, harness.ClusterOptions{})
 	port := harness.FreePort(t, c.Net.HostAddr)
-	c.Run(t, harness.Example(t, "raw_exec.Nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
+	c.Run(t, harness.Example(t, "raw_exec.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
 	c.WaitHealthy(t, "raw", 90*time.Second)
 	c.WaitDesired(t, "raw", "raw", 0, 60*time.Second)
 	code, body, err := c.HTTPGet(fmt.Sprintf("http://%s:%d/", c.Net.HostAddr, port), 30*time.Second)

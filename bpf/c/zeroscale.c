@@ -33,6 +33,7 @@ char __license[] SEC("license") = "Dual MPL/GPL";
 #define CFG_CAPTURE 2
 
 #define CAPTURE_BYTES 128
+#define LOOPBACK_IFINDEX 1
 #define MAX_VLAN 2
 #define MAX_V6_EXT 6
 #define DEFAULT_REPORT_INTERVAL_NS 100000000ULL
@@ -555,6 +556,11 @@ static __always_inline int is_check_syn(struct xdp_md *ctx, const struct pkt *p)
 	__builtin_memcpy(lk.addr, p->saddr, 16);
 	if (bpf_map_lookup_elem(&ignore_sources, &lk))
 		return 1;
+
+	// Local processes' packets arrive on the loopback device (ifindex 1 in
+	// every namespace); only they can come from a checker's socket here.
+	if (ctx->ingress_ifindex != LOOPBACK_IFINDEX)
+		return 0;
 
 	struct bpf_sock_tuple t = {};
 	__u32 size;

@@ -1,0 +1,417 @@
+// Package bench measures zeroscale side by side in one run and prints one
+// table: the gate's per-packet cost, the warm path gated vs ungated and vs
+// an L7 proxy, and wake latency with and without SYN replay. Run it with
+// `make bench` (root). The machines here are small and shared: compare the
+// ratios within a run, not absolute numbers across runs.
+package bench
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
+	"github.com/zeroscale/nomad-driver-zeroscale/e2e/harness"
+	"github.com/zeroscale/nomad-driver-zeroscale/internal/testnet"
+)
+
+type table struct {
+	sections [][]string
+}
+
+func (t *table) section(title string, rows ...string) {
+	t.sections = append(t.sections, append([]string{title}, rows...))
+}
+
+func (t *table) print() {
+	host, _ := os.Hostname()
+	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	fmt.Printf("\nzeroscale bench — %s, %s, %d CPUs, kernel %s\n", time.Now().Format("2006-01-02 15:04"), host,
+		runtime.NumCPU(), strings.TrimSpace(string(kernel)))
+	fmt.Println("(one run, side by side; shared 2-core machine: read the ratios, not the absolute figures)")
+	for _, s := range t.sections {
+		fmt.Println()
+		fmt.Println(s[0])
+		for _, r := range s[1:] {
+			fmt.Println("  " + r)
+		}
+	}
+	fmt.Println()
+}
+
+func BenchmarkZeroscale(b *testing.B) {
+	if b.N > 1 {
+		b.Skip("run with -benchtime 1x: each measurement sets its own repetitions")
+	}
+	var t table
+	xdpCost(b, &t)
+	warmPath(b, &t)
+	wakeLatency(b, &t)
+	t.print()
+}
+
+// ---------------------------------------------------------------- XDP cost
+
+// tcpFrame is an Ethernet/IPv4/TCP frame; the gate reads headers only.
+func tcpFrame(src, dst netip.Addr, dport uint16, flags byte, payload int) []byte {
+	f := make([]byte, 14+20+20+payload)
+	binary.BigEndian.PutUint16(f[12:], 0x0800)
+	ip := f[14:]
+	ip[0], ip[8], ip[9] = 0x45, 64, 6
+	binary.BigEndian.PutUint16(ip[2:], uint16(40+payload))
+	copy(ip[12:], src.AsSlice())
+	copy(ip[16:], dst.AsSlice())
+	tcp := ip[20:]
+	binary.BigEndian.PutUint16(tcp[0:], 40000)
+	binary.BigEndian.PutUint16(tcp[2:], dport)
+	tcp[12], tcp[13] = 0x50, flags
+	return f
+}
+
+func xdpCost(b *testing.B, t *table) {
+	pin := fmt.Sprintf("/sys/fs/bpf/zs-bench-%d", os.Getpid())
+	g, err := bpf.Load(bpf.Options{PinPath: pin, ReportInterval: time.Hour, CaptureSYNs: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer bpf.Uninstall(pin)
+	defer g.Close()
+	const keys = 10000
+	for i := 0; i < keys; i++ {
+		if err := g.Open(bpf.Key{Addr: netip.AddrFrom4([4]byte{10, 50, byte(i >> 8), byte(i)}), Port: 8080}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	parked := netip.AddrFrom4([4]byte{10, 50, 0, 9})
+	if err := g.Park(bpf.Key{Addr: parked, Port: 8080}); err != nil {
+		b.Fatal(err)
+	}
+	ifindex := 0
+	ifaces, _ := net.Interfaces()
+	for _, i := range ifaces {
+		if i.Flags&net.FlagLoopback == 0 {
+			ifindex = i.Index
+			break
+		}
+	}
+	client := netip.MustParseAddr("192.0.2.7")
+	cases := []struct {
+		name  string
+		frame []byte
+	}{
+		{"miss (address not gated)", tcpFrame(client, netip.MustParseAddr("10.60.0.1"), 8080, 0x18, 1400)},
+		{"open key (warm path)", tcpFrame(client, netip.AddrFrom4([4]byte{10, 50, 0, 7}), 8080, 0x18, 1400)},
+		{"parked key, data packet", tcpFrame(client, parked, 8080, 0x18, 1400)},
+		{"parked key, SYN (dropped)", tcpFrame(client, parked, 8080, 0x02, 0)},
+	}
+	const repeat = 2_000_000
+	base := medianOf(5, func() time.Duration {
+		d, err := bpf.MeasureEmptyXDP(cases[0].frame, repeat, ifindex)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return d
+	})
+	rows := []string{fmt.Sprintf("%-28s %8s %12s", "", "total", "gate's own")}
+	for _, c := range cases {
+		d := medianOf(5, func() time.Duration {
+			_, d, err := g.MeasureGate(c.frame, repeat, ifindex)
+			if err != nil {
+				b.Fatal(err)
+			}
+			return d
+		})
+		rows = append(rows, fmt.Sprintf("%-28s %6d ns %9d ns", c.name, d.Nanoseconds(), (d - base).Nanoseconds()))
+	}
+	rows = append(rows, fmt.Sprintf("%-28s %6d ns   (test-run overhead, subtracted above)", "empty XDP program", base.Nanoseconds()))
+	t.section(fmt.Sprintf("XDP gate per packet (BPF_PROG_TEST_RUN, %d keys in the map, median of 5 × %d runs)", keys, repeat), rows...)
+}
+
+func medianOf(n int, f func() time.Duration) time.Duration {
+	var ds []time.Duration
+	for i := 0; i < n; i++ {
+		ds = append(ds, f())
+	}
+	slices.Sort(ds)
+	return ds[len(ds)/2]
+}
+
+// ---------------------------------------------------------------- warm path
+
+func warmPath(b *testing.B, t *table) {
+	n := testnet.NewIPv4(b)
+	pin := fmt.Sprintf("/sys/fs/bpf/zs-bench-warm-%d", os.Getpid())
+	g, err := bpf.Load(bpf.Options{PinPath: pin})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer bpf.Uninstall(pin)
+	defer g.Close()
+
+	sinkPort := harness.FreePort(b, n.HostAddr)
+	httpPort := harness.FreePort(b, n.HostAddr)
+	proxyPort := harness.FreePort(b, n.HostAddr)
+	sink := netip.AddrPortFrom(n.HostAddr, uint16(sinkPort))
+	backend := netip.AddrPortFrom(n.HostAddr, uint16(httpPort))
+	for _, ap := range []netip.AddrPort{sink, backend, netip.AddrPortFrom(n.HostAddr, uint16(proxyPort))} {
+		if err := g.Open(bpf.KeyFrom(ap)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	startSink(b, sink.String())
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, "ok")
+	})}
+	ln, err := net.Listen("tcp", backend.String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	go func() { _ = srv.Serve(ln) }()
+	defer srv.Close()
+	startHAProxy(b, fmt.Sprintf("%s:%d", n.HostAddr, proxyPort), backend.String())
+
+	gate := func(on bool) {
+		if on {
+			if _, err := g.Attach(n.HostIf, bpf.ModeAuto); err != nil {
+				b.Fatal(err)
+			}
+		} else if err := g.Detach(n.HostIf); err != nil {
+			b.Fatal(err)
+		}
+	}
+
+	// Alternate so that drift in machine load hits both sides alike.
+	var tput = map[bool][]float64{}
+	var lat = map[bool][]time.Duration{}
+	var proxyLat []time.Duration
+	for round := 0; round < 3; round++ {
+		for _, on := range []bool{false, true} {
+			gate(on)
+			tput[on] = append(tput[on], throughput(b, n, sink.String(), 2*time.Second))
+			lat[on] = append(lat[on], requestLatencies(b, n, fmt.Sprintf("http://%s/", backend), 1000)...)
+		}
+		gate(false)
+		proxyLat = append(proxyLat, requestLatencies(b, n, fmt.Sprintf("http://%s:%d/", n.HostAddr, proxyPort), 1000)...)
+	}
+	mode, _ := g.Attach(n.HostIf, bpf.ModeAuto)
+	_ = g.Detach(n.HostIf)
+	tOff, tOn := medianF(tput[false]), medianF(tput[true])
+	pOff, pOn, pProxy := percentile(lat[false], 50), percentile(lat[true], 50), percentile(proxyLat, 50)
+	ours := pOn - pOff
+	proxyAdds := pProxy - pOff
+	floor := time.Microsecond
+	ratio := fmt.Sprintf("%.0f×", float64(proxyAdds)/float64(max(ours, floor)))
+	if ours < floor {
+		ratio = "≥ " + ratio + " (the gate's delta is below 1 µs, the floor used)"
+	}
+	t.section(fmt.Sprintf("Warm path over a veth pair (XDP %s mode), client in a namespace, 3 alternating rounds", mode),
+		fmt.Sprintf("bulk TCP throughput     ungated %6.2f Gbit/s   gated %6.2f Gbit/s   ratio %.3f", tOff, tOn, tOn/tOff),
+		fmt.Sprintf("HTTP request p50        ungated %7s        gated %7s        delta %+v", us(pOff), us(pOn), ours.Round(100*time.Nanosecond)),
+		fmt.Sprintf("HTTP request p50 via an L7 proxy (haproxy, stand-in for the activator/interceptor"),
+		fmt.Sprintf("  proxies of Knative, KEDA HTTP, Sablier)  %7s  adds %v", us(pProxy), proxyAdds.Round(time.Microsecond)),
+		fmt.Sprintf("added p50 latency: proxy / zeroscale gate = %s", ratio),
+	)
+}
+
+func us(d time.Duration) string { return fmt.Sprintf("%.0fµs", float64(d)/float64(time.Microsecond)) }
+
+func medianF(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func percentile(ds []time.Duration, p int) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	return s[min(len(s)-1, len(s)*p/100)]
+}
+
+func startSink(b *testing.B, addr string) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_, _ = io.Copy(io.Discard, c)
+			}()
+		}
+	}()
+}
+
+// throughput sends for d from the namespace and returns Gbit/s.
+func throughput(b *testing.B, n *testnet.Net, addr string, d time.Duration) float64 {
+	c, err := n.Dial(context.Background(), "tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 256<<10)
+	var sent int64
+	began := time.Now()
+	for time.Since(began) < d {
+		w, err := c.Write(buf)
+		if err != nil {
+			b.Fatal(err)
+		}
+		sent += int64(w)
+	}
+	return float64(sent) * 8 / time.Since(began).Seconds() / 1e9
+}
+
+// requestLatencies times n keep-alive GETs from the namespace.
+func requestLatencies(b *testing.B, ns *testnet.Net, url string, n int) []time.Duration {
+	client := &http.Client{Transport: &http.Transport{
+		MaxIdleConnsPerHost: 1,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return ns.Dial(ctx, network, addr)
+		},
+	}}
+	defer client.CloseIdleConnections()
+	get := func() {
+		resp, err := client.Get(url)
+		if err != nil {
+			b.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	for i := 0; i < 50; i++ { // warm up the connection and caches
+		get()
+	}
+	out := make([]time.Duration, 0, n)
+	for i := 0; i < n; i++ {
+		began := time.Now()
+		get()
+		out = append(out, time.Since(began))
+	}
+	return out
+}
+
+func startHAProxy(b *testing.B, listen, backend string) {
+	bin, err := exec.LookPath("haproxy")
+	if err != nil {
+		b.Fatal("haproxy not installed (make bench installs Debian's haproxy)")
+	}
+	cfg := fmt.Sprintf(`global
+  maxconn 1000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend in
+  bind %s
+  default_backend out
+backend out
+  server s1 %s
+`, listen, backend)
+	path := filepath.Join(b.TempDir(), "haproxy.cfg")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-db", "-f", path)
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if c, err := net.Dial("tcp", listen); err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatal("haproxy did not start")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// ---------------------------------------------------------------- wakes
+
+func wakeLatency(b *testing.B, t *table) {
+	const wakes = 10
+	results := map[string]map[bool][]time.Duration{"python (http example)": {}, "nginx (nginx example)": {}}
+	for _, replay := range []bool{true, false} {
+		c := harness.NewCluster(b, harness.ClusterOptions{PluginConfig: fmt.Sprintf("syn_replay = %v\n", replay)})
+		examples := []struct{ name, file, job string }{
+			{"python (http example)", "http.nomad.hcl", "http"},
+			{"nginx (nginx example)", "nginx.nomad.hcl", "nginx"},
+		}
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		for _, ex := range examples {
+			port := c.RunExample(b, ex.file, ex.job, "3s")
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				samples := measureWakes(b, c, ex.job, port, wakes)
+				mu.Lock()
+				results[ex.name][replay] = samples
+				mu.Unlock()
+			}()
+		}
+		wg.Wait()
+	}
+	rows := []string{fmt.Sprintf("%-24s %-22s %-22s %s", "", "replay on  p50 / p90", "replay off p50 / p90", "off/on (p50)")}
+	for _, name := range []string{"python (http example)", "nginx (nginx example)"} {
+		on, off := results[name][true], results[name][false]
+		rows = append(rows, fmt.Sprintf("%-24s %8s / %-11s %8s / %-11s %.1f×", name,
+			ms(percentile(on, 50)), ms(percentile(on, 90)), ms(percentile(off, 50)), ms(percentile(off, 90)),
+			float64(percentile(off, 50))/float64(percentile(on, 50))))
+	}
+	t.section(fmt.Sprintf("Wake: client connect() → established on a sleeping service, %d wakes each (Nomad + Consul dev agents)", wakes), rows...)
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.0fms", float64(d)/float64(time.Millisecond)) }
+
+// measureWakes lets the group sleep, then times one connect() from the
+// client namespace, n times.
+func measureWakes(b *testing.B, c *harness.Cluster, job string, port, n int) []time.Duration {
+	var out []time.Duration
+	target := fmt.Sprintf("%s:%d", c.Net.HostAddr, port)
+	for i := 0; i < n; i++ {
+		c.WaitDesired(b, job, job, 0, 120*time.Second)
+		// The sleep is committed before Nomad stops the allocation; let the
+		// placeholder and gate settle like a real idle period would.
+		time.Sleep(500 * time.Millisecond)
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		began := time.Now()
+		conn, err := c.Net.Dial(ctx, "tcp", target)
+		took := time.Since(began)
+		cancel()
+		if err != nil {
+			b.Fatalf("%s wake %d: %v", job, i, err)
+		}
+		conn.Close()
+		out = append(out, took)
+		c.WaitDesired(b, job, job, 1, 60*time.Second)
+	}
+	return out
+}
