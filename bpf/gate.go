@@ -80,7 +80,7 @@ type Gate struct {
 	objs   zeroscaleObjects
 
 	mu       sync.Mutex
-	xdpLinks map[string]link.Link // by interface name
+	links    map[string]attachedLink // gate links by interface name
 	sockLink link.Link
 
 	replayMu sync.Mutex
@@ -116,7 +116,7 @@ func Load(opts Options) (*Gate, error) {
 	g := &Gate{
 		opts:       opts,
 		logger:     logger,
-		xdpLinks:   make(map[string]link.Link),
+		links:      make(map[string]attachedLink),
 		events:     make(chan Event, opts.EventBuffer),
 		readerDone: make(chan struct{}),
 	}
@@ -265,9 +265,9 @@ func (g *Gate) Close() error {
 func (g *Gate) closeLinks() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	for name, l := range g.xdpLinks {
+	for name, l := range g.links {
 		_ = l.Close()
-		delete(g.xdpLinks, name)
+		delete(g.links, name)
 	}
 	if g.sockLink != nil {
 		_ = g.sockLink.Close()

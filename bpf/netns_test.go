@@ -68,14 +68,32 @@ func freePort(t *testing.T, addr netip.Addr) uint16 {
 	return uint16(ln.Addr().(*net.TCPAddr).Port)
 }
 
+// attachMode is the mode attach asks for; tests of both modes switch it.
+var attachMode = ModeAuto
+
 func attach(t *testing.T, g *Gate, ifname string) {
 	t.Helper()
-	mode, err := g.Attach(ifname, ModeAuto)
+	mode, err := g.Attach(ifname, attachMode)
 	if err != nil {
 		t.Fatalf("attach: %v", err)
 	}
-	if mode != ModeGeneric {
-		t.Fatalf("veth attached in %s mode, want generic", mode)
+	want := attachMode
+	if want == ModeAuto {
+		want = ModeTC // a veth is virtual; this kernel has tcx
+	}
+	if mode != want {
+		t.Fatalf("veth attached in %s mode, want %s", mode, want)
+	}
+}
+
+// bothModes runs fn with the gate on tc ingress and on generic XDP.
+func bothModes(t *testing.T, fn func(t *testing.T)) {
+	for _, mode := range []AttachMode{ModeTC, ModeGeneric} {
+		t.Run(string(mode), func(t *testing.T) {
+			attachMode = mode
+			defer func() { attachMode = ModeAuto }()
+			fn(t)
+		})
 	}
 }
 
@@ -98,6 +116,10 @@ func waitActivity(t *testing.T, g *Gate, k Key, what string, ok func(Activity) b
 }
 
 func TestParkedDropsABurstWithOneReport(t *testing.T) {
+	bothModes(t, testParkedDropsABurstWithOneReport)
+}
+
+func testParkedDropsABurstWithOneReport(t *testing.T) {
 	n := testnet.New(t)
 	g := loadGate(t, Options{ReportInterval: 10 * time.Second})
 	attach(t, g, n.HostIf)
@@ -151,6 +173,10 @@ func TestParkedDropsABurstWithOneReport(t *testing.T) {
 }
 
 func TestOpenPassesAndCountsConnections(t *testing.T) {
+	bothModes(t, testOpenPassesAndCountsConnections)
+}
+
+func testOpenPassesAndCountsConnections(t *testing.T) {
 	n := testnet.New(t)
 	g := loadGate(t, Options{})
 	attach(t, g, n.HostIf)
@@ -291,7 +317,9 @@ func TestHealthChecksAreNotActivity(t *testing.T) {
 	waitActivity(t, g, k, "source no longer ignored", func(a Activity) bool { return a.Opened == 2 && a.Checks == 2 })
 }
 
-func TestMovedAddressRefusesAtOnce(t *testing.T) {
+func TestMovedAddressRefusesAtOnce(t *testing.T) { bothModes(t, testMovedAddressRefusesAtOnce) }
+
+func testMovedAddressRefusesAtOnce(t *testing.T) {
 	n := testnet.New(t)
 	g := loadGate(t, Options{})
 	attach(t, g, n.HostIf)

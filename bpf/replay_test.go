@@ -82,6 +82,10 @@ func wakeScenario(t *testing.T, addr func(*testnet.Net) netip.Addr, replay bool)
 }
 
 func TestReplayCompletesTheOriginalConnect(t *testing.T) {
+	bothModes(t, testReplayCompletesTheOriginalConnect)
+}
+
+func testReplayCompletesTheOriginalConnect(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		addr func(*testnet.Net) netip.Addr

@@ -117,6 +117,7 @@ const (
 	zeroscaleMapSynFlows      = "syn_flows"
 	zeroscaleMapWakeFrom      = "wake_from"
 	zeroscaleProgZsGate       = "zs_gate"
+	zeroscaleProgZsGateTc     = "zs_gate_tc"
 	zeroscaleProgZsReplay     = "zs_replay"
 	zeroscaleProgZsSockState  = "zs_sock_state"
 	zeroscaleVarUnusedEvent   = "unused_event"
@@ -165,6 +166,7 @@ type zeroscaleSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type zeroscaleProgramSpecs struct {
 	ZsGate      *ebpf.ProgramSpec `ebpf:"zs_gate"`
+	ZsGateTc    *ebpf.ProgramSpec `ebpf:"zs_gate_tc"`
 	ZsReplay    *ebpf.ProgramSpec `ebpf:"zs_replay"`
 	ZsSockState *ebpf.ProgramSpec `ebpf:"zs_sock_state"`
 }
@@ -266,6 +268,7 @@ type zeroscaleVariables struct {
 // It can be passed to loadZeroscaleObjects or ebpf.CollectionSpec.LoadAndAssign.
 type zeroscalePrograms struct {
 	ZsGate      *ebpf.Program `ebpf:"zs_gate"`
+	ZsGateTc    *ebpf.Program `ebpf:"zs_gate_tc"`
 	ZsReplay    *ebpf.Program `ebpf:"zs_replay"`
 	ZsSockState *ebpf.Program `ebpf:"zs_sock_state"`
 }
@@ -273,6 +276,7 @@ type zeroscalePrograms struct {
 func (p *zeroscalePrograms) Close() error {
 	return _ZeroscaleClose(
 		p.ZsGate,
+		p.ZsGateTc,
 		p.ZsReplay,
 		p.ZsSockState,
 	)

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -555,4 +556,81 @@ func TestFailoverWhenTheLeaderDies(t *testing.T) {
 	}
 	// Consul expires a session between TTL and twice the TTL.
 	t.Logf("failover after the leader was killed took %v (session TTL 10s)", time.Since(began))
+}
+
+// TestREADMEPolicyIsEnough gives the plugin exactly the ACL policy README.md
+// documents and runs everything it does against Consul.
+func TestREADMEPolicyIsEnough(t *testing.T) {
+	readme, err := os.ReadFile(filepath.Join(harness.RepoRoot(t), "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	section := string(readme)
+	i := strings.Index(section, "### Consul ACLs")
+	if i < 0 {
+		t.Fatal("README has no Consul ACLs section")
+	}
+	section = section[i:]
+	start := strings.Index(section, "```hcl\n")
+	end := strings.Index(section[start+7:], "```")
+	if start < 0 || end < 0 {
+		t.Fatal("no hcl block in the ACL section")
+	}
+	rules := section[start+7 : start+7+end]
+
+	agent := harness.StartConsul(t, harness.ConsulOptions{ManagementToken: "root-token"})
+	root := agent.Client(t, "root-token")
+	policy, _, err := root.ACL().PolicyCreate(&capi.ACLPolicy{Name: "zeroscale", Rules: rules}, nil)
+	if err != nil {
+		t.Fatalf("create the README policy: %v\n%s", err, rules)
+	}
+	token, _, err := root.ACL().TokenCreate(&capi.ACLToken{Policies: []*capi.ACLTokenPolicyLink{{ID: policy.ID}}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := New(Config{Address: agent.HTTPAddr, Token: token.SecretID}, testLogger(t)) // default prefix
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.NodeName(); err != nil {
+		t.Fatalf("node name: %v", err)
+	}
+	group := GroupKey("default", "web", "web")
+	if err := c.PublishActivity(group, ActivityReport{Node: "n", Reported: time.Now()}); err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	if _, err := c.ReadActivity(group, 0, time.Now()); err != nil {
+		t.Fatalf("read activity: %v", err)
+	}
+	if _, err := c.SwapGroupState(group, GroupState{}, GroupState{Phase: PhaseAsleep}); err != nil {
+		t.Fatalf("group state: %v", err)
+	}
+	ps := c.NewPlaceholders(PlaceholderOptions{TTL: 3 * time.Second})
+	p := Placeholder{Service: "web", Address: netip.MustParseAddr("10.0.0.1"), Port: 80, Namespace: "default", Job: "web", Group: "web"}
+	if err := ps.Register(p); err != nil {
+		t.Fatalf("placeholder: %v", err)
+	}
+	if err := c.API().Agent().UpdateTTL(p.checkID(), "", capi.HealthPassing); err != nil {
+		t.Fatalf("TTL update: %v", err)
+	}
+	if _, err := c.LocalPlaceholders(); err != nil {
+		t.Fatalf("list placeholders: %v", err)
+	}
+	if insts, err := c.Instances("web"); err != nil || len(insts) != 1 {
+		t.Fatalf("instances %v %v", insts, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	l := c.NewLeader(LeaderOptions{Name: "n"}, nil)
+	var lerr atomic.Value
+	go l.Run(ctx, func(err error) { lerr.Store(err) })
+	for !l.IsLeader() {
+		if ctx.Err() != nil {
+			t.Fatalf("no leadership with the README policy: %v", lerr.Load())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := ps.Deregister(p); err != nil {
+		t.Fatalf("deregister: %v", err)
+	}
 }

@@ -483,3 +483,24 @@ func (d *Driver) ExecTaskStreamingRaw(ctx context.Context, taskID string, comman
 	}
 	return h.exec.ExecStreaming(ctx, command, tty, stream)
 }
+
+// EmitGroupEvent records a task event on every running task of a task group
+// run by this driver (shown by `nomad alloc status`).
+func (d *Driver) EmitGroupEvent(namespace, job, group, message string) {
+	for _, h := range d.tasks.All() {
+		cfg := h.taskConfig
+		if cfg.Namespace != namespace || cfg.JobName != job || cfg.TaskGroupName != group || !h.running() {
+			continue
+		}
+		err := d.eventer.EmitEvent(&drivers.TaskEvent{
+			TaskID:    cfg.ID,
+			AllocID:   cfg.AllocID,
+			TaskName:  cfg.Name,
+			Timestamp: time.Now(),
+			Message:   message,
+		})
+		if err != nil {
+			d.logger.Debug("could not emit a task event", "task", cfg.Name, "error", err)
+		}
+	}
+}

@@ -49,3 +49,14 @@ func (s *taskStore) Delete(id string) {
 	defer s.mu.Unlock()
 	delete(s.tasks, id)
 }
+
+// All returns the live handles.
+func (s *taskStore) All() []*taskHandle {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]*taskHandle, 0, len(s.tasks))
+	for _, h := range s.tasks {
+		out = append(out, h)
+	}
+	return out
+}

@@ -9,9 +9,9 @@ plugin "nomad-driver-zeroscale" {
     # included (local clients reach the node's own addresses through lo).
     interfaces = ["eth0", "lo"]
 
-    # XDP mode per interface: "auto" (native on NICs, generic on virtual
-    # devices), "native" or "generic".
-    # xdp_mode {
+    # Where the gate runs, per interface: "auto" (native XDP on NICs, tc
+    # ingress on virtual devices), "native", "generic" (XDP) or "tc".
+    # gate_mode {
     #   eth0 = "native"
     # }
 

@@ -98,6 +98,9 @@ func (a *nodeAgent) run(ctx context.Context) {
 	agent := scaling.NewAgent(scaling.Config{
 		Gate: gate, Nomad: nomad, Cluster: cluster, Logger: a.logger, Metrics: metrics,
 		DryRun: s.DryRun, SYNReplay: s.SYNReplay, SYNMaxAge: s.synMaxAge,
+		OnAwake: func(id scaling.GroupID, msg string) {
+			a.driver.EmitGroupEvent(id.Namespace, id.Job, id.Group, msg)
+		},
 	})
 	cluster.Leader = cc.NewLeader(consul.LeaderOptions{Name: node}, func(leader bool) {
 		agent.Do(ctx, func() { agent.OnLeader(leader) })
@@ -237,7 +240,7 @@ func (a *nodeAgent) attachInterfaces() {
 		if slices.Contains(attached, name) {
 			continue
 		}
-		mode, err := a.gate.Attach(name, a.settings.xdpModes[name])
+		mode, err := a.gate.Attach(name, a.settings.gateModes[name])
 		if err != nil {
 			if len(a.settings.Interfaces) > 0 {
 				a.logger.Warn("cannot attach the gate yet; will retry", "interface", name, "error", err)

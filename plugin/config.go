@@ -16,7 +16,7 @@ import (
 // configSpec is the `plugin "nomad-driver-zeroscale" { config { … } }` block.
 var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"interfaces": hclspec.NewAttr("interfaces", "list(string)", false),
-	"xdp_mode":   hclspec.NewBlockAttrs("xdp_mode", "string", false),
+	"gate_mode":  hclspec.NewBlockAttrs("gate_mode", "string", false),
 	"metrics_address": hclspec.NewDefault(
 		hclspec.NewAttr("metrics_address", "string", false),
 		hclspec.NewLiteral(`"127.0.0.1:9464"`),
@@ -62,7 +62,7 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 // Config is the decoded plugin config.
 type Config struct {
 	Interfaces           []string          `codec:"interfaces"`
-	XDPMode              map[string]string `codec:"xdp_mode"`
+	GateMode             map[string]string `codec:"gate_mode"`
 	MetricsAddress       string            `codec:"metrics_address"`
 	WakeFrom             []string          `codec:"wake_from"`
 	IgnoreSources        []string          `codec:"ignore_sources"`
@@ -98,13 +98,13 @@ type settings struct {
 	Config
 	wakeFrom      []netip.Prefix
 	ignoreSources []netip.Prefix
-	xdpModes      map[string]bpf.AttachMode
+	gateModes     map[string]bpf.AttachMode
 	synMaxAge     time.Duration
 }
 
 // validate checks every field; errors name the field as written in HCL.
 func (c Config) validate() (settings, error) {
-	s := settings{Config: c, xdpModes: map[string]bpf.AttachMode{}}
+	s := settings{Config: c, gateModes: map[string]bpf.AttachMode{}}
 	var errs []error
 	fail := func(field, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
@@ -122,13 +122,13 @@ func (c Config) validate() (settings, error) {
 		}
 		seen[name] = true
 	}
-	for name, mode := range c.XDPMode {
+	for name, mode := range c.GateMode {
 		m, err := bpf.ParseAttachMode(mode)
 		if err != nil {
-			fail(fmt.Sprintf("xdp_mode[%q]", name), "%v", err)
+			fail(fmt.Sprintf("gate_mode[%q]", name), "%v", err)
 			continue
 		}
-		s.xdpModes[name] = m
+		s.gateModes[name] = m
 	}
 	if c.MetricsAddress != "" {
 		if _, port, err := net.SplitHostPort(c.MetricsAddress); err != nil || port == "" {

@@ -40,7 +40,7 @@ func TestConfigDefaults(t *testing.T) {
 func TestConfigFull(t *testing.T) {
 	c := parse(t, `
 interfaces      = ["eth0", "lo"]
-xdp_mode {
+gate_mode {
   eth0 = "native"
   lo   = "generic"
 }
@@ -64,8 +64,8 @@ consul {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(s.wakeFrom) != 3 || s.wakeFrom[2] != netip.MustParsePrefix("192.0.2.7/32") || s.xdpModes["eth0"] != bpf.ModeNative ||
-		s.xdpModes["lo"] != bpf.ModeGeneric || c.SYNReplay || !c.DryRun || s.synMaxAge != 30*time.Second ||
+	if len(s.wakeFrom) != 3 || s.wakeFrom[2] != netip.MustParsePrefix("192.0.2.7/32") || s.gateModes["eth0"] != bpf.ModeNative ||
+		s.gateModes["lo"] != bpf.ModeGeneric || c.SYNReplay || !c.DryRun || s.synMaxAge != 30*time.Second ||
 		c.Nomad.Token != "secret" || c.Consul.KVPrefix != "zs/prod" || c.MetricsAddress != "" {
 		t.Fatalf("parsed %+v %+v", c, s)
 	}
@@ -76,7 +76,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		`interfaces = ["eth0", "eth0"]`:                         `interfaces[1]: "eth0" is listed twice`,
 		`interfaces = [""]`:                                     "interfaces[0]: empty interface name",
 		`interfaces = ["a/b"]`:                                  "interfaces[0]:",
-		`xdp_mode { eth0 = "turbo" }`:                           `xdp_mode["eth0"]: unknown XDP mode "turbo"`,
+		`gate_mode { eth0 = "turbo" }`:                          `gate_mode["eth0"]: unknown gate mode "turbo"`,
 		`metrics_address = "9464"`:                              "metrics_address:",
 		`wake_from = ["10.0.0.0/33"]`:                           `wake_from: [0] "10.0.0.0/33" is not a CIDR prefix`,
 		`ignore_sources = ["10.0.0.1", "nope"]`:                 `ignore_sources: [1] "nope"`,

@@ -65,6 +65,36 @@ func TestSleepsDespiteChecksAndTheSameConnectWakesIt(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+	// The woken task says so in its events too.
+	deadline = time.Now().Add(10 * time.Second)
+	for !taskEventsMention(c, "http", "zeroscale: awake") {
+		if time.Now().After(deadline) {
+			t.Fatal("no task event about the wake")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// taskEventsMention tells whether a running allocation of job has a task
+// event containing text.
+func taskEventsMention(c *harness.Cluster, job, text string) bool {
+	allocs, _, err := c.API.Jobs().Allocations(job, false, nil)
+	if err != nil {
+		return false
+	}
+	for _, a := range allocs {
+		if a.ClientStatus != "running" {
+			continue
+		}
+		for _, ts := range a.TaskStates {
+			for _, ev := range ts.Events {
+				if strings.Contains(ev.DisplayMessage, text) || strings.Contains(ev.Message, text) {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }
 
 func TestHundredConcurrentConnectsScaleUpOnce(t *testing.T) {

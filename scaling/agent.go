@@ -43,6 +43,9 @@ type Config struct {
 	LocalAddrs func() (map[netip.Addr]bool, error)
 	// Spawn runs slow work (SYN replays) off the loop; `go f()` by default.
 	Spawn func(func())
+	// OnAwake, if set, hears that a woken group is ready (the plugin turns
+	// it into task events).
+	OnAwake func(id GroupID, message string)
 }
 
 func (c *Config) setDefaults() {

@@ -355,6 +355,9 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 		if err := a.cfg.Nomad.Scale(id, nil, msg, false, meta); err != nil {
 			a.logger.Warn("cannot record the wake latency", "group", id.String(), "error", err)
 		}
+		if a.cfg.OnAwake != nil {
+			a.cfg.OnAwake(id, msg)
+		}
 	})
 }
 

@@ -365,7 +365,9 @@ struct pkt {
 // parse reads Ethernet (with up to two VLAN tags), IPv4 or IPv6 (with
 // extension headers) and TCP. Anything else is reported as not understood and
 // the caller passes it; nothing is read past data_end.
-static __always_inline int parse(void *data, void *data_end, struct pkt *p)
+// len is the whole packet's length from data on: in tc the payload may sit
+// in fragments beyond data_end.
+static __always_inline int parse(void *data, void *data_end, __u32 len, struct pkt *p)
 {
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
@@ -404,7 +406,7 @@ static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 		if (tot < ihl + sizeof(struct tcphdr))
 			return PARSE_MALFORMED;
 		// A frame shorter than its IP length is truncated: not ours to read.
-		if (cur + tot > data_end)
+		if ((__u64)(cur - data) + tot > len)
 			return PARSE_MALFORMED;
 		tcp = cur + ihl;
 		if ((void *)(tcp + 1) > data_end)
@@ -419,7 +421,7 @@ static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 			return PARSE_MALFORMED;
 		if (ip6->version != 6)
 			return PARSE_MALFORMED;
-		if ((void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len) > data_end)
+		if ((__u64)((void *)(ip6 + 1) - data) + bpf_ntohs(ip6->payload_len) > len)
 			return PARSE_MALFORMED;
 		__u8 nh = ip6->nexthdr;
 		void *h = ip6 + 1;
@@ -516,10 +518,19 @@ struct pseudo_v6 {
 
 /* ---------------------------------------------------------------- gate */
 
-static __always_inline void emit_event(struct xdp_md *ctx, __u32 kind, const struct pkt *p, __u64 now)
+// frame describes the packet being judged, for the XDP and tc entry points.
+struct frame {
+	void *ctx;
+	void *data;
+	void *data_end;
+	__u32 len; // whole packet, fragments included
+	__u32 ifindex;
+};
+
+static __always_inline void emit_event(const struct frame *f, __u32 kind, const struct pkt *p, __u64 now)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = f->data;
+	void *data_end = f->data_end;
 
 	struct event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 	if (!ev) {
@@ -527,13 +538,13 @@ static __always_inline void emit_event(struct xdp_md *ctx, __u32 kind, const str
 		return;
 	}
 	ev->kind = kind;
-	ev->ifindex = ctx->ingress_ifindex;
+	ev->ifindex = f->ifindex;
 	ev->ts_ns = now;
 	ev->key = p->key;
 	__builtin_memcpy(ev->saddr, p->saddr, 16);
 	ev->sport = p->sport;
 	ev->pad = 0;
-	ev->frame_len = data_end - data;
+	ev->frame_len = f->len;
 	__u32 n = 0;
 #pragma unroll
 	for (int i = 0; i < CAPTURE_BYTES; i++) {
@@ -550,7 +561,7 @@ static __always_inline void emit_event(struct xdp_md *ctx, __u32 kind, const str
 // is_check_syn tells a SYN that a health checker sent: from an ignored
 // source, or from a local socket that a checker process opened (looked up by
 // the reversed tuple: the connecting socket is hashed before its SYN leaves).
-static __always_inline int is_check_syn(struct xdp_md *ctx, const struct pkt *p)
+static __always_inline int is_check_syn(const struct frame *f, const struct pkt *p)
 {
 	struct lpm_key lk = {.prefixlen = 128};
 	__builtin_memcpy(lk.addr, p->saddr, 16);
@@ -559,7 +570,7 @@ static __always_inline int is_check_syn(struct xdp_md *ctx, const struct pkt *p)
 
 	// Local processes' packets arrive on the loopback device (ifindex 1 in
 	// every namespace); only they can come from a checker's socket here.
-	if (ctx->ingress_ifindex != LOOPBACK_IFINDEX)
+	if (f->ifindex != LOOPBACK_IFINDEX)
 		return 0;
 
 	struct bpf_sock_tuple t = {};
@@ -577,7 +588,7 @@ static __always_inline int is_check_syn(struct xdp_md *ctx, const struct pkt *p)
 		t.ipv4.dport = p->sport;
 		size = sizeof(t.ipv4);
 	}
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(f->ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return 0;
 	__u64 skp = (__u64)sk;
@@ -585,7 +596,13 @@ static __always_inline int is_check_syn(struct xdp_md *ctx, const struct pkt *p)
 	return bpf_map_lookup_elem(&checker_socks, &skp) != 0;
 }
 
-static __always_inline int parked_syn(struct xdp_md *ctx, const struct pkt *p, struct gate_policy *pol,
+enum verdict {
+	V_PASS,
+	V_DROP,
+	V_RST,
+};
+
+static __always_inline int parked_syn(const struct frame *f, const struct pkt *p, struct gate_policy *pol,
 				      struct gate_stats *st, __u64 now)
 {
 	struct gate_config *cfg = get_config();
@@ -595,11 +612,11 @@ static __always_inline int parked_syn(struct xdp_md *ctx, const struct pkt *p, s
 	// connected) or from an ignored source passes without a report. While
 	// the service is down the stack refuses it; while it wakes the check
 	// reaches it (with ready = "healthy" that is how it becomes ready).
-	if (is_check_syn(ctx, p)) {
+	if (is_check_syn(f, p)) {
 		if (st)
 			st->check_syns++;
 		count(C_CHECK_SYN_PASSED);
-		return XDP_PASS;
+		return V_PASS;
 	}
 
 	if (cfg && (cfg->flags & CFG_WAKE_FROM)) {
@@ -609,7 +626,7 @@ static __always_inline int parked_syn(struct xdp_md *ctx, const struct pkt *p, s
 			if (st)
 				st->denied++;
 			count(C_DENIED);
-			return XDP_DROP;
+			return V_DROP;
 		}
 	}
 
@@ -652,70 +669,76 @@ static __always_inline int parked_syn(struct xdp_md *ctx, const struct pkt *p, s
 	}
 
 	if (kind)
-		emit_event(ctx, kind, p, now);
-	return XDP_DROP;
+		emit_event(f, kind, p, now);
+	return V_DROP;
 }
 
-// send_rst turns a SYN to an address whose service woke elsewhere into a RST
-// back to the client (RFC 9293 3.10.7.1: no ACK in the SYN, so seq 0 and
-// ack = seq + segment length), so it fails fast and re-resolves.
-static __always_inline int send_rst(struct xdp_md *ctx, const struct pkt *p, struct gate_stats *st)
-{
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+// A RST answers a SYN to an address whose service woke elsewhere, so the
+// client fails fast and re-resolves (RFC 9293 3.10.7.1: the SYN has no ACK,
+// so seq 0 and ack = seq + segment length).
+struct rst_info {
+	__u8 smac[ETH_ALEN];
+	__u8 dmac[ETH_ALEN];
+	__u8 saddr[16]; // the client
+	__u8 daddr[16]; // the service
+	__be16 sport;
+	__be16 dport;
+	__u32 ack;
+	__u32 l2;
+	__u32 len; // the RST's frame length
+	__u8 is_v6;
+};
 
+static __always_inline int rst_prepare(const struct frame *f, const struct pkt *p, struct rst_info *ri)
+{
+	struct ethhdr *eth = f->data;
+	if ((void *)(eth + 1) > f->data_end)
+		return -1;
+	__builtin_memcpy(ri->smac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(ri->dmac, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(ri->saddr, p->saddr, 16);
+	__builtin_memcpy(ri->daddr, p->key.addr, 16);
+	ri->sport = p->sport;
+	ri->dport = p->key.port;
+	ri->ack = p->seq + 1 + p->payload_len + ((p->flags & TCP_FLAG_FIN) ? 1 : 0);
+	ri->l2 = p->l2_len;
+	if (ri->l2 > ETH_HLEN + MAX_VLAN * sizeof(struct vlan_hdr))
+		return -1;
+	ri->is_v6 = p->is_v6;
+	ri->len = ri->l2 + (p->is_v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr)) + sizeof(struct tcphdr);
+	return 0;
+}
+
+// rst_write fills a frame already sized to ri->len; VLAN tags stay.
+static __always_inline int rst_write(void *data, void *data_end, const struct rst_info *ri)
+{
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return XDP_PASS;
-	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
-	__builtin_memcpy(smac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(dmac, eth->h_dest, ETH_ALEN);
+		return -1;
+	__builtin_memcpy(eth->h_source, ri->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, ri->smac, ETH_ALEN);
 
-	__be16 sport = p->sport, dport = p->key.port;
-	__u32 ack = p->seq + 1 + p->payload_len + ((p->flags & TCP_FLAG_FIN) ? 1 : 0);
-	__u8 saddr[16], daddr[16];
-	__builtin_memcpy(saddr, p->saddr, 16);
-	__builtin_memcpy(daddr, p->key.addr, 16);
-
-	__u32 l2 = p->l2_len;
-	if (l2 > ETH_HLEN + MAX_VLAN * sizeof(struct vlan_hdr))
-		return XDP_PASS;
-	__u32 l3 = p->is_v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
-	int delta = (int)(l2 + l3 + sizeof(struct tcphdr)) - (int)(data_end - data);
-	if (delta != 0 && bpf_xdp_adjust_tail(ctx, delta)) {
-		count(C_RST_FAILED);
-		return XDP_DROP;
-	}
-
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return XDP_DROP;
-	__builtin_memcpy(eth->h_source, dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, smac, ETH_ALEN);
-
-	void *l3p = data + l2;
+	void *l3p = data + ri->l2;
 	struct tcphdr *tcp;
 	__s64 sum;
 
-	if (p->is_v6) {
+	if (ri->is_v6) {
 		struct ipv6hdr *ip6 = l3p;
 		tcp = (void *)(ip6 + 1);
 		if ((void *)(tcp + 1) > data_end)
-			return XDP_DROP;
+			return -1;
 		ip6->version = 6;
 		ip6->priority = 0;
 		__builtin_memset(ip6->flow_lbl, 0, sizeof(ip6->flow_lbl));
 		ip6->payload_len = bpf_htons(sizeof(struct tcphdr));
 		ip6->nexthdr = IPPROTO_TCP;
 		ip6->hop_limit = 64;
-		__builtin_memcpy(&ip6->saddr, daddr, 16);
-		__builtin_memcpy(&ip6->daddr, saddr, 16);
+		__builtin_memcpy(&ip6->saddr, ri->daddr, 16);
+		__builtin_memcpy(&ip6->daddr, ri->saddr, 16);
 
 		struct pseudo_v6 ph = {};
-		__builtin_memcpy(ph.saddr, daddr, 16);
-		__builtin_memcpy(ph.daddr, saddr, 16);
+		__builtin_memcpy(ph.saddr, ri->daddr, 16);
+		__builtin_memcpy(ph.daddr, ri->saddr, 16);
 		ph.len = bpf_htonl(sizeof(struct tcphdr));
 		ph.proto = IPPROTO_TCP;
 		sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
@@ -723,10 +746,10 @@ static __always_inline int send_rst(struct xdp_md *ctx, const struct pkt *p, str
 		struct iphdr *ip = l3p;
 		tcp = (void *)(ip + 1);
 		if ((void *)(tcp + 1) > data_end)
-			return XDP_DROP;
+			return -1;
 		__be32 src4, dst4;
-		__builtin_memcpy(&src4, daddr + 12, 4);
-		__builtin_memcpy(&dst4, saddr + 12, 4);
+		__builtin_memcpy(&src4, ri->daddr + 12, 4);
+		__builtin_memcpy(&dst4, ri->saddr + 12, 4);
 		ip->version = 4;
 		ip->ihl = 5;
 		ip->tos = 0;
@@ -750,51 +773,29 @@ static __always_inline int send_rst(struct xdp_md *ctx, const struct pkt *p, str
 	}
 
 	__builtin_memset(tcp, 0, sizeof(*tcp));
-	tcp->source = dport;
-	tcp->dest = sport;
+	tcp->source = ri->dport;
+	tcp->dest = ri->sport;
 	tcp->seq = 0;
-	tcp->ack_seq = bpf_htonl(ack);
+	tcp->ack_seq = bpf_htonl(ri->ack);
 	tcp->doff = 5;
 	tcp->rst = 1;
 	tcp->ack = 1;
 	tcp->window = 0;
 	sum = bpf_csum_diff(0, 0, (__be32 *)tcp, sizeof(*tcp), sum);
 	tcp->check = csum_fold(sum);
-
-	if (st)
-		st->rsts++;
-	count(C_RST_SENT);
-	return XDP_TX;
+	return 0;
 }
 
-SEC("xdp")
-int zs_gate(struct xdp_md *ctx)
+// gate judges one parsed TCP packet; both entry points share it.
+static __always_inline int gate(const struct frame *f, const struct pkt *p, struct gate_stats **stp)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct pkt p = {};
-
-	count(C_PACKETS);
-	switch (parse(data, data_end, &p)) {
-	case PARSE_OK:
-		break;
-	case PARSE_NOT_TCP:
-		count(C_NOT_TCP);
-		return XDP_PASS;
-	case PARSE_FRAGMENT:
-		count(C_FRAGMENT);
-		return XDP_PASS;
-	default:
-		count(C_MALFORMED);
-		return XDP_PASS;
-	}
-
-	struct gate_policy *pol = bpf_map_lookup_elem(&policies, &p.key);
+	struct gate_policy *pol = bpf_map_lookup_elem(&policies, &p->key);
 	if (!pol) {
 		count(C_MISS);
-		return XDP_PASS;
+		return V_PASS;
 	}
-	struct gate_stats *st = bpf_map_lookup_elem(&stats, &p.key);
+	struct gate_stats *st = bpf_map_lookup_elem(&stats, &p->key);
+	*stp = st;
 	__u64 now = bpf_ktime_get_ns();
 	__u32 state = *(volatile __u32 *)&pol->state;
 
@@ -802,34 +803,157 @@ int zs_gate(struct xdp_md *ctx)
 	case GATE_OPEN:
 		if (st) {
 			st->packets++;
-			st->bytes += data_end - data;
+			st->bytes += f->len;
 			st->last_seen_ns = now;
 		}
 		count(C_OPEN);
-		if (is_pure_syn(&p)) {
+		if (is_pure_syn(p)) {
 			// Remember that this client got through on its own, so a
 			// captured copy of its SYN is not replayed as well.
 			struct flow_key fk;
-			flow_of(&fk, &p);
+			flow_of(&fk, p);
 			struct syn_flow *seen = bpf_map_lookup_elem(&syn_flows, &fk);
 			if (seen)
 				seen->passed = 1;
 		}
-		return XDP_PASS;
+		return V_PASS;
 	case GATE_PARKED:
-		if (!is_pure_syn(&p)) {
+		if (!is_pure_syn(p)) {
 			count(C_PARKED_PASS);
-			return XDP_PASS;
+			return V_PASS;
 		}
-		return parked_syn(ctx, &p, pol, st, now);
+		return parked_syn(f, p, pol, st, now);
 	case GATE_MOVED:
-		if (!is_pure_syn(&p)) {
+		if (!is_pure_syn(p)) {
 			count(C_MOVED_PASS);
-			return XDP_PASS;
+			return V_PASS;
 		}
-		return send_rst(ctx, &p, st);
+		return V_RST;
+	}
+	return V_PASS;
+}
+
+static __always_inline int count_parse(int r)
+{
+	switch (r) {
+	case PARSE_OK:
+		return 1;
+	case PARSE_NOT_TCP:
+		count(C_NOT_TCP);
+		break;
+	case PARSE_FRAGMENT:
+		count(C_FRAGMENT);
+		break;
+	default:
+		count(C_MALFORMED);
+	}
+	return 0;
+}
+
+static __always_inline void rst_sent(struct gate_stats *st)
+{
+	if (st)
+		st->rsts++;
+	count(C_RST_SENT);
+}
+
+SEC("xdp")
+int zs_gate(struct xdp_md *ctx)
+{
+	struct frame f = {
+		.ctx = ctx,
+		.data = (void *)(long)ctx->data,
+		.data_end = (void *)(long)ctx->data_end,
+		.ifindex = ctx->ingress_ifindex,
+	};
+	f.len = f.data_end - f.data;
+	struct pkt p = {};
+
+	count(C_PACKETS);
+	if (!count_parse(parse(f.data, f.data_end, f.len, &p)))
+		return XDP_PASS;
+
+	struct gate_stats *st = 0;
+	switch (gate(&f, &p, &st)) {
+	case V_DROP:
+		return XDP_DROP;
+	case V_RST: {
+		struct rst_info ri;
+		if (rst_prepare(&f, &p, &ri))
+			return XDP_PASS;
+		int delta = (int)ri.len - (int)f.len;
+		if (delta != 0 && bpf_xdp_adjust_tail(ctx, delta)) {
+			count(C_RST_FAILED);
+			return XDP_DROP;
+		}
+		if (rst_write((void *)(long)ctx->data, (void *)(long)ctx->data_end, &ri)) {
+			count(C_RST_FAILED);
+			return XDP_DROP;
+		}
+		rst_sent(st);
+		return XDP_TX;
+	}
 	}
 	return XDP_PASS;
+}
+
+#define TCX_NEXT -1
+#define TC_ACT_SHOT 2
+
+// zs_gate_tc is the same gate on tc ingress (tcx), for virtual devices:
+// generic XDP copies every GRO-merged skb into one linear buffer, which
+// costs a veth about a fifth of its throughput; tc sees the skb as it is.
+// Passing returns TCX_NEXT so programs attached after this one still run.
+SEC("tc")
+int zs_gate_tc(struct __sk_buff *skb)
+{
+	struct frame f = {
+		.ctx = skb,
+		.data = (void *)(long)skb->data,
+		.data_end = (void *)(long)skb->data_end,
+		.len = skb->len,
+		.ifindex = skb->ingress_ifindex,
+	};
+	struct pkt p = {};
+
+	count(C_PACKETS);
+	int r = parse(f.data, f.data_end, f.len, &p);
+	if (r == PARSE_MALFORMED && skb->len > (__u32)(f.data_end - f.data)) {
+		// Headers may sit in fragments: pull them into the linear part.
+		if (bpf_skb_pull_data(skb, skb->len < 256 ? skb->len : 256) == 0) {
+			f.data = (void *)(long)skb->data;
+			f.data_end = (void *)(long)skb->data_end;
+			__builtin_memset(&p, 0, sizeof(p));
+			r = parse(f.data, f.data_end, f.len, &p);
+		}
+	}
+	if (!count_parse(r))
+		return TCX_NEXT;
+
+	struct gate_stats *st = 0;
+	switch (gate(&f, &p, &st)) {
+	case V_DROP:
+		return TC_ACT_SHOT;
+	case V_RST: {
+		struct rst_info ri;
+		if (rst_prepare(&f, &p, &ri))
+			return TCX_NEXT;
+		if (bpf_skb_change_tail(skb, ri.len, 0)) {
+			count(C_RST_FAILED);
+			return TC_ACT_SHOT;
+		}
+		if (rst_write((void *)(long)skb->data, (void *)(long)skb->data_end, &ri)) {
+			count(C_RST_FAILED);
+			return TC_ACT_SHOT;
+		}
+		// The checksums are complete now; a partial-checksum offload
+		// state from the SYN must not be applied on top.
+		bpf_csum_level(skb, BPF_CSUM_LEVEL_RESET);
+		rst_sent(st);
+		return bpf_redirect(skb->ifindex, 0);
+	}
+	}
+	return TCX_NEXT;
 }
 
 /* ---------------------------------------------------------------- replay */
@@ -850,7 +974,7 @@ int zs_replay(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct pkt p = {};
 
-	if (parse(data, data_end, &p) != PARSE_OK || !is_pure_syn(&p)) {
+	if (parse(data, data_end, data_end - data, &p) != PARSE_OK || !is_pure_syn(&p)) {
 		count(C_REPLAY_UNPARSEABLE);
 		set_replay_result(REPLAY_UNPARSEABLE);
 		return XDP_DROP;
