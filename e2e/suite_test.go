@@ -35,9 +35,7 @@ func consulDNSPort(t *testing.T, c *harness.Cluster) string {
 
 func TestNginxSleepsDespiteChecksWakesOnCurl(t *testing.T) {
 	c := harness.NewCluster(t, harness.ClusterOptions{})
-	port := harness.FreePort(t, c.Net.HostAddr)
-	c.Run(t, harness.Example(t, "nginx.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
-	c.WaitHealthy(t, "nginx", 90*time.Second)
+	port := c.RunExample(t, "nginx.nomad.hcl", "nginx", "5s")
 
 	// Consul checks it over HTTP every second; it sleeps all the same.
 	c.WaitDesired(t, "nginx", "nginx", 0, 60*time.Second)
@@ -65,9 +63,7 @@ func TestPostgresWakesOnPsql(t *testing.T) {
 		t.Fatal("PostgreSQL 15 is not installed (make test installs Debian's postgresql)")
 	}
 	c := harness.NewCluster(t, harness.ClusterOptions{})
-	port := harness.FreePort(t, c.Net.HostAddr)
-	c.Run(t, harness.Example(t, "postgres.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
-	c.WaitHealthy(t, "postgres", 120*time.Second)
+	port := c.RunExample(t, "postgres.nomad.hcl", "postgres", "5s")
 	c.WaitDesired(t, "postgres", "postgres", 0, 90*time.Second)
 
 	began := time.Now()
@@ -137,9 +133,7 @@ func TestStormOf200ConnectsWakesOnce(t *testing.T) {
 
 func TestQuietConnectionKeepsItAwake(t *testing.T) {
 	c := harness.NewCluster(t, harness.ClusterOptions{})
-	port := harness.FreePort(t, c.Net.HostAddr)
-	c.Run(t, harness.Example(t, "http.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "4s"})
-	c.WaitHealthy(t, "http", 90*time.Second)
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
 
 	conn, err := c.Net.Dial(context.Background(), "tcp", fmt.Sprintf("%s:%d", c.Net.HostAddr, port))
 	if err != nil {
@@ -159,9 +153,7 @@ func TestQuietConnectionKeepsItAwake(t *testing.T) {
 
 func TestAnyDriverIsGated(t *testing.T) {
 	c := harness.NewCluster(t, harness.ClusterOptions{})
-	port := harness.FreePort(t, c.Net.HostAddr)
-	c.Run(t, harness.Example(t, "raw_exec.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
-	c.WaitHealthy(t, "raw", 90*time.Second)
+	port := c.RunExample(t, "raw_exec.nomad.hcl", "raw", "5s")
 	c.WaitDesired(t, "raw", "raw", 0, 60*time.Second)
 	code, body, err := c.HTTPGet(fmt.Sprintf("http://%s:%d/", c.Net.HostAddr, port), 30*time.Second)
 	if err != nil || code != 200 || !strings.Contains(body, "raw_exec") {
@@ -180,15 +172,32 @@ func pluginPID(t *testing.T, c *harness.Cluster) int {
 	return 0
 }
 
-func ownsPlugin(c *harness.Cluster, path string) bool {
-	return strings.Contains(c.Nomad.Output(), path)
+func pluginPIDOrZero(c *harness.Cluster) int {
+	return findPID(func(args []string) bool {
+		return len(args) == 1 && strings.HasSuffix(args[0], "/nomad-driver-zeroscale") &&
+			strings.Contains(c.Nomad.Output(), args[0])
+	})
+}
+
+// findPID returns the first process whose argument list matches, or 0.
+func findPID(match func(args []string) bool) int {
+	paths, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, path := range paths {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		if match(strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")) {
+			pid, _ := strconv.Atoi(strings.Split(path, "/")[2])
+			return pid
+		}
+	}
+	return 0
 }
 
 func TestPluginKilledWhileAsleepStillWakes(t *testing.T) {
 	c := harness.NewCluster(t, harness.ClusterOptions{})
-	port := harness.FreePort(t, c.Net.HostAddr)
-	c.Run(t, harness.Example(t, "http.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "5s"})
-	c.WaitHealthy(t, "http", 90*time.Second)
+	port := c.RunExample(t, "http.nomad.hcl", "http", "5s")
 	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
 
 	pid := pluginPID(t, c)
@@ -218,22 +227,6 @@ func TestPluginKilledWhileAsleepStillWakes(t *testing.T) {
 	}
 }
 
-func pluginPIDOrZero(c *harness.Cluster) int {
-	matches, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, m := range matches {
-		b, err := os.ReadFile(m)
-		if err != nil {
-			continue
-		}
-		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-		if len(args) == 1 && strings.HasSuffix(args[0], "/nomad-driver-zeroscale") && ownsPlugin(c, args[0]) {
-			pid, _ := strconv.Atoi(strings.Split(m, "/")[2])
-			return pid
-		}
-	}
-	return 0
-}
-
 func TestClientRestartRecoversTasks(t *testing.T) {
 	dataDir := t.TempDir()
 	if err := os.Chmod(dataDir, 0o755); err != nil {
@@ -243,9 +236,7 @@ func TestClientRestartRecoversTasks(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := harness.NewCluster(t, harness.ClusterOptions{DataDir: dataDir, Persistent: true})
-	port := harness.FreePort(t, c.Net.HostAddr)
-	c.Run(t, harness.Example(t, "http.nomad.hcl"), map[string]string{"node": c.Node, "port": fmt.Sprint(port), "idle_timeout": "1h"})
-	c.WaitHealthy(t, "http", 90*time.Second)
+	port := c.RunExample(t, "http.nomad.hcl", "http", "1h")
 	before := taskPID(t, c)
 
 	c.Nomad.Restart(t)
@@ -294,22 +285,17 @@ func taskPID(t *testing.T, c *harness.Cluster) int {
 // all of the given parts.
 func findProcess(t *testing.T, parts ...string) int {
 	t.Helper()
-	matches, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, m := range matches {
-		b, err := os.ReadFile(m)
-		if err != nil {
-			continue
-		}
-		cmd := strings.ReplaceAll(string(b), "\x00", " ")
-		ok := true
+	pid := findPID(func(args []string) bool {
+		cmd := strings.Join(args, " ")
 		for _, p := range parts {
-			ok = ok && strings.Contains(cmd, p)
+			if !strings.Contains(cmd, p) {
+				return false
+			}
 		}
-		if ok {
-			pid, _ := strconv.Atoi(strings.Split(m, "/")[2])
-			return pid
-		}
+		return true
+	})
+	if pid == 0 {
+		t.Fatalf("no process with %v", parts)
 	}
-	t.Fatalf("no process with %v", parts)
-	return 0
+	return pid
 }

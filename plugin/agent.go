@@ -197,22 +197,29 @@ func (a *nodeAgent) followPolicies(ctx context.Context, nomad *scaling.NomadAPI,
 	}
 }
 
-// cleanStaleReports lets the leader remove reports of nodes long gone.
-func (a *nodeAgent) cleanStaleReports(ctx context.Context, cc *consul.Client, cluster *consul.Cluster) {
-	tick := time.NewTicker(10 * time.Minute)
+// every runs f every d until ctx ends.
+func every(ctx context.Context, d time.Duration, f func()) {
+	tick := time.NewTicker(d)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+			f()
 		}
+	}
+}
+
+// cleanStaleReports lets the leader remove reports of nodes long gone.
+func (a *nodeAgent) cleanStaleReports(ctx context.Context, cc *consul.Client, cluster *consul.Cluster) {
+	every(ctx, 10*time.Minute, func() {
 		if cluster.IsLeader() {
 			if err := cc.DeleteStaleActivity(time.Hour, time.Now()); err != nil {
 				a.logger.Warn("cannot clean stale activity reports", "error", err)
 			}
 		}
-	}
+	})
 }
 
 // wantedInterfaces is the configured list, or every interface that is up.
@@ -263,16 +270,7 @@ func (a *nodeAgent) attachInterfaces() {
 // rescanInterfaces attaches to interfaces that appear later (or that were
 // missing at start).
 func (a *nodeAgent) rescanInterfaces(ctx context.Context) {
-	tick := time.NewTicker(10 * time.Second)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-			a.attachInterfaces()
-		}
-	}
+	every(ctx, 10*time.Second, a.attachInterfaces)
 }
 
 func (a *nodeAgent) serveMetrics(ctx context.Context) {

@@ -134,7 +134,7 @@ func xdpCost(b *testing.B, t *table) {
 			}
 			return d
 		})
-		rows = append(rows, fmt.Sprintf("%-28s %6d ns %9d ns", c.name, d.Nanoseconds(), (d - base).Nanoseconds()))
+		rows = append(rows, fmt.Sprintf("%-28s %6d ns %9d ns", c.name, d.Nanoseconds(), (d-base).Nanoseconds()))
 	}
 	rows = append(rows, fmt.Sprintf("%-28s %6d ns   (test-run overhead, subtracted above)", "empty XDP program", base.Nanoseconds()))
 	t.section(fmt.Sprintf("XDP gate per packet (BPF_PROG_TEST_RUN, %d keys in the map, median of 5 × %d runs)", keys, repeat), rows...)
