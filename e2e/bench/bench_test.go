@@ -220,7 +220,7 @@ func warmPath(b *testing.B, t *table) {
 	t.section(fmt.Sprintf("Warm path over a veth pair (gate in %s mode, as auto picks for a veth), client in a namespace, 5 alternating rounds, medians", mode),
 		fmt.Sprintf("bulk TCP throughput     ungated %6.2f Gbit/s   gated %6.2f Gbit/s   ratio %.3f", tOff, tOn, tOn/tOff),
 		fmt.Sprintf("HTTP request p50        ungated %7s        gated %7s        delta %+v", us(pOff), us(pOn), ours.Round(100*time.Nanosecond)),
-		fmt.Sprintf("HTTP request p50 via an L7 proxy (haproxy, stand-in for the activator/interceptor"),
+		"HTTP request p50 via an L7 proxy (haproxy, stand-in for the activator/interceptor",
 		fmt.Sprintf("  proxies of Knative, KEDA HTTP, Sablier)  %7s  adds %v", us(pProxy), proxyAdds.Round(time.Microsecond)),
 		fmt.Sprintf("added p50 latency: proxy / zeroscale gate = %s", ratio),
 	)
