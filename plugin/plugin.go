@@ -85,6 +85,7 @@ func (p *Plugin) SetConfig(cfg *base.Config) error {
 	if err != nil {
 		msg := "invalid plugin config: " + err.Error()
 		p.logger.Error("invalid plugin config; the node agent is not started", "error", err)
+		p.Driver.SetGateStatus(driver.GateStatus{Reason: "node agent not started: invalid plugin config"})
 		p.Driver.SetHealthIssue(msg)
 		return nil
 	}
