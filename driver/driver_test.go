@@ -37,6 +37,12 @@ func newHarness(t *testing.T) (*Driver, *dtestutil.DriverHarness) {
 	d := New(ctx, logger)
 	h := dtestutil.NewDriverHarness(t, d)
 	t.Cleanup(h.Kill)
+	// Executors outlive their task until destroyed; leave none behind.
+	t.Cleanup(func() {
+		for _, th := range d.tasks.All() {
+			_ = d.DestroyTask(th.taskConfig.ID, true)
+		}
+	})
 	return d, h
 }
 

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -175,6 +176,9 @@ plugin "nomad-driver-zeroscale" {
 		// Agents leave tasks running when they stop; stop the jobs first.
 		n.stopAllJobs(30 * time.Second)
 		n.Stop()
+		// Whatever still runs from this agent's directories (executors,
+		// tasks) goes too, so no test leaves servers behind.
+		killUnder(dir, dataDir)
 		uninstall(plugin, n.PinPath)
 		unmountUnder(dir)
 		unmountUnder(dataDir)
@@ -219,7 +223,9 @@ func (n *Nomad) stopAllJobs(timeout time.Duration) {
 		return
 	}
 	for _, j := range jobs {
-		_, _, _ = c.Jobs().Deregister(j.ID, true, &napi.WriteOptions{Namespace: j.Namespace})
+		// Not purged: a purged job's allocations vanish from the list at
+		// once, before the client has stopped them.
+		_, _, _ = c.Jobs().Deregister(j.ID, false, &napi.WriteOptions{Namespace: j.Namespace})
 	}
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
@@ -311,6 +317,31 @@ func copyFile(t testing.TB, from, to string) {
 	}
 	if err := os.WriteFile(to, b, 0o755); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// killUnder kills processes whose command line names a path under dirs.
+func killUnder(dirs ...string) {
+	paths, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, path := range paths {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		cmd := string(b)
+		for _, d := range dirs {
+			if strings.Contains(cmd, d+"/") {
+				pid, _ := strconv.Atoi(strings.Split(path, "/")[2])
+				if pid > 0 && pid != os.Getpid() {
+					// Its process group too: nginx's workers name no path.
+					if pgid, err := syscall.Getpgid(pid); err == nil && pgid != syscall.Getpgrp() {
+						_ = syscall.Kill(-pgid, syscall.SIGKILL)
+					}
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+				break
+			}
+		}
 	}
 }
 
