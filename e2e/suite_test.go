@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -181,16 +180,8 @@ func pluginPIDOrZero(c *harness.Cluster) int {
 
 // findPID returns the first process whose argument list matches, or 0.
 func findPID(match func(args []string) bool) int {
-	paths, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, path := range paths {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			continue
-		}
-		if match(strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")) {
-			pid, _ := strconv.Atoi(strings.Split(path, "/")[2])
-			return pid
-		}
+	if pids := harness.Processes(match); len(pids) > 0 {
+		return pids[0]
 	}
 	return 0
 }

@@ -320,28 +320,44 @@ func copyFile(t testing.TB, from, to string) {
 	}
 }
 
-// killUnder kills processes whose command line names a path under dirs.
-func killUnder(dirs ...string) {
+// Processes lists the pids whose argument list matches.
+func Processes(match func(args []string) bool) []int {
+	var out []int
 	paths, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, path := range paths {
 		b, err := os.ReadFile(path)
-		if err != nil {
+		if err != nil || len(b) == 0 {
 			continue
 		}
-		cmd := string(b)
-		for _, d := range dirs {
-			if strings.Contains(cmd, d+"/") {
-				pid, _ := strconv.Atoi(strings.Split(path, "/")[2])
-				if pid > 0 && pid != os.Getpid() {
-					// Its process group too: nginx's workers name no path.
-					if pgid, err := syscall.Getpgid(pid); err == nil && pgid != syscall.Getpgrp() {
-						_ = syscall.Kill(-pgid, syscall.SIGKILL)
-					}
-					_ = syscall.Kill(pid, syscall.SIGKILL)
-				}
-				break
+		if match(strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")) {
+			if pid, err := strconv.Atoi(strings.Split(path, "/")[2]); err == nil {
+				out = append(out, pid)
 			}
 		}
+	}
+	return out
+}
+
+// killUnder kills processes whose command line names a path under dirs,
+// with their process groups (nginx's workers name no path).
+func killUnder(dirs ...string) {
+	pids := Processes(func(args []string) bool {
+		cmd := strings.Join(args, " ")
+		for _, d := range dirs {
+			if strings.Contains(cmd, d+"/") {
+				return true
+			}
+		}
+		return false
+	})
+	for _, pid := range pids {
+		if pid == os.Getpid() {
+			continue
+		}
+		if pgid, err := syscall.Getpgid(pid); err == nil && pgid != syscall.Getpgrp() {
+			_ = syscall.Kill(-pgid, syscall.SIGKILL)
+		}
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 }
 
