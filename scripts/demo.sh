@@ -78,10 +78,12 @@ cleanup() {
   trap - INT TERM EXIT
   echo
   echo "==> stopping the demo"
-  NOMAD_ADDR="http://127.0.0.1:$nomad_http" "$bin/nomad" job stop -purge nginx >/dev/null 2>&1 || true
+  NOMAD_ADDR="http://127.0.0.1:$nomad_http" "$bin/nomad" job stop nginx >/dev/null 2>&1 || true
   sleep 2
   for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  pkill -P $$ 2>/dev/null || true # the log stream (tail -F never ends)
+  pkill -9 -f "$demo/" 2>/dev/null || true # anything the agents left running
   "$root/build/nomad-driver-zeroscale" uninstall "$pin" >/dev/null 2>&1 || true
   grep " $demo/" /proc/self/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   echo "==> done"
@@ -133,6 +135,7 @@ Sleep and wake as the plugin logs them (Ctrl-C stops everything):
 EOF
 
 tail -n +1 -F "$demo/nomad.log" 2>/dev/null |
+  grep --line-buffered -v "\[DEBUG\]" |
   grep --line-buffered -E "parking idle group|group asleep|waking group|group awake|parking undone|invalid|wake failed|not ready" |
   while IFS= read -r line; do
     t="${line#*T}"; t="${t:0:8}"
@@ -145,5 +148,4 @@ tail -n +1 -F "$demo/nomad.log" 2>/dev/null |
     done
     echo "  $t  $msg$extra"
   done &
-pids+=($!)
 wait
