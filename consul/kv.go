@@ -239,12 +239,9 @@ func (c *Client) watchPrefix(ctx context.Context, prefix string, onChange func(c
 			continue
 		}
 		failures = 0
-		if meta.LastIndex < index {
-			index = 0
-		} else if meta.LastIndex == index {
+		var changed bool
+		if index, changed = advanceIndex(index, meta.LastIndex); !changed {
 			continue
-		} else {
-			index = meta.LastIndex
 		}
 		onChange(pairs)
 	}

@@ -193,17 +193,9 @@ func (w *Watch) follow(ctx context.Context, name string) {
 			continue
 		}
 		failures, reportedDenied = 0, false
-		// The index must grow; if it goes backwards (a restored or new
-		// cluster), start over.
-		if meta.LastIndex < index {
-			index = 0
-		} else if meta.LastIndex == index {
+		var changed bool
+		if index, changed = advanceIndex(index, meta.LastIndex); !changed {
 			continue
-		} else {
-			index = meta.LastIndex
-		}
-		if index == 0 {
-			index = 1
 		}
 		var out []Instance
 		for _, e := range entries {
@@ -213,6 +205,21 @@ func (w *Watch) follow(ctx context.Context, name string) {
 		}
 		w.onChange(name, out)
 	}
+}
+
+// advanceIndex is the blocking-query index after an answer at last, and
+// whether the answer is news. The index must grow; if it goes backwards (a
+// restored or new cluster) the watch starts over from 1 (0 would not block).
+func advanceIndex(prev, last uint64) (uint64, bool) {
+	switch {
+	case last < prev:
+		return 1, true
+	case last == prev:
+		return prev, false
+	case last == 0:
+		return 1, true
+	}
+	return last, true
 }
 
 // backoff grows to 30 s with ±25 % jitter, so many nodes do not retry in step.
