@@ -46,5 +46,6 @@ func (g *Gate) Counters() (map[string]uint64, error) {
 		out[name] = total
 	}
 	out["events_dropped_userspace"] = g.DroppedEvents()
+	out["established_clamped"] = g.clampedReads.Load()
 	return out, nil
 }

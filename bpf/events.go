@@ -37,6 +37,12 @@ type Event struct {
 	// length (Frame is complete when they are equal).
 	Frame    []byte
 	FrameLen int
+	// CgroupID and PID name the listening process, for listen events: the
+	// cgroup v2 id (the inode of its directory under the cgroup2 mount) and
+	// the process id as the initial pid namespace sees it. Both are zero
+	// for other kinds and for records from an earlier program version.
+	CgroupID uint64
+	PID      int
 }
 
 // Is reports whether the event has kind k.
@@ -70,10 +76,19 @@ func (g *Gate) readEvents() {
 	}
 }
 
+// legacyEventSize is the record size before the listener's cgroup and pid
+// were appended. Programs of the previous version stay attached until the
+// new ones replace them, so a wake reported in between has that size.
+var legacyEventSize = int(unsafe.Offsetof(zeroscaleEvent{}.CgroupId))
+
 func decodeEvent(raw []byte) (Event, bool) {
 	var e zeroscaleEvent
-	if len(raw) < int(unsafe.Sizeof(e)) {
+	size := int(unsafe.Sizeof(e))
+	if len(raw) < legacyEventSize {
 		return Event{}, false
+	}
+	if len(raw) < size {
+		raw = append(append(make([]byte, 0, size), raw...), make([]byte, size-len(raw))...)
 	}
 	if _, err := binary.Decode(raw, binary.NativeEndian, &e); err != nil {
 		return Event{}, false
@@ -86,6 +101,8 @@ func decodeEvent(raw []byte) (Event, bool) {
 		Mono:     time.Duration(e.TsNs),
 		Time:     monoToWall(e.TsNs),
 		FrameLen: int(e.FrameLen),
+		CgroupID: e.CgroupId,
+		PID:      int(e.Tgid),
 	}
 	if EventKind(e.Kind)&(EventWake|EventCapture) != 0 {
 		ev.Source = netip.AddrPortFrom(netip.AddrFrom16(e.Saddr).Unmap(), ntohs(e.Sport))

@@ -10,8 +10,10 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -78,6 +80,8 @@ type Gate struct {
 	opts   Options
 	logger hclog.Logger
 	objs   zeroscaleObjects
+	// recovered names the pinned maps of another layout that Load replaced.
+	recovered []string
 
 	mu       sync.Mutex
 	links    map[string]attachedLink // gate links by interface name
@@ -89,7 +93,10 @@ type Gate struct {
 	reader     *ringbuf.Reader
 	readerDone chan struct{}
 	dropped    uint64 // events lost because the channel was full
-	closeOnce  sync.Once
+	// clampedReads counts Activity reads that found a negative
+	// established count and reported 0.
+	clampedReads atomic.Uint64
+	closeOnce    sync.Once
 }
 
 // Load loads the programs, reuses maps pinned by an earlier plugin process,
@@ -120,9 +127,13 @@ func Load(opts Options) (*Gate, error) {
 		events:     make(chan Event, opts.EventBuffer),
 		readerDone: make(chan struct{}),
 	}
-	err = spec.LoadAndAssign(&g.objs, &ebpf.CollectionOptions{
-		Maps: ebpf.MapOptions{PinPath: opts.PinPath},
-	})
+	loadOpts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.PinPath}}
+	err = spec.LoadAndAssign(&g.objs, loadOpts)
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		if g.recovered, err = replaceIncompatiblePins(spec, opts.PinPath, err, logger); err == nil {
+			err = spec.LoadAndAssign(&g.objs, loadOpts)
+		}
+	}
 	if err != nil {
 		return nil, explainLoadError(err, opts.PinPath)
 	}
@@ -143,6 +154,61 @@ func Load(opts Options) (*Gate, error) {
 	}
 	go g.readEvents()
 	return g, nil
+}
+
+// Recovered names the pinned maps that Load found with another version's
+// layout. When it is not empty, Load detached that version's programs and
+// removed all its pins: the gate started empty, and whatever was parked
+// must be parked again.
+func (g *Gate) Recovered() []string {
+	return slices.Clone(g.recovered)
+}
+
+// replaceIncompatiblePins clears a pin path whose maps another zeroscale
+// version left with a different layout. That version's programs stay
+// attached through their pinned links and keep gating with those maps,
+// parked entries included, which this version can neither read nor change:
+// a parked service would stay black-holed with no owner. So the old links
+// are detached and every pin is removed, failing towards serving. It returns
+// the incompatible maps' names.
+func replaceIncompatiblePins(spec *ebpf.CollectionSpec, pinPath string, loadErr error, logger hclog.Logger) ([]string, error) {
+	names := incompatiblePins(spec, pinPath)
+	if len(names) == 0 {
+		// Nothing to name: the pins changed under us, or the loader sees
+		// something we do not. Tearing down blindly is not ours to do.
+		return nil, loadErr
+	}
+	logger.Warn("maps pinned by another zeroscale version have another layout; "+
+		"detaching its programs and starting with empty maps",
+		"maps", strings.Join(names, ","), "pin_path", pinPath, "error", loadErr)
+	if err := Uninstall(pinPath); err != nil {
+		return names, fmt.Errorf("replace pinned maps %s of another layout: %w", strings.Join(names, ", "), err)
+	}
+	if err := os.MkdirAll(filepath.Join(pinPath, linksDir), 0o700); err != nil {
+		return names, fmt.Errorf("create pin directory: %w", err)
+	}
+	return names, nil
+}
+
+// incompatiblePins lists the maps of spec pinned under pinPath whose type,
+// sizes or flags differ from the spec's, by the loader's own rule.
+func incompatiblePins(spec *ebpf.CollectionSpec, pinPath string) []string {
+	var names []string
+	for name, ms := range spec.Maps {
+		if ms.Pinning != ebpf.PinByName {
+			continue
+		}
+		m, err := ebpf.LoadPinnedMap(filepath.Join(pinPath, ms.Name), nil)
+		if err != nil {
+			continue
+		}
+		if err := ms.Compatible(m); errors.Is(err, ebpf.ErrMapIncompatible) {
+			names = append(names, name)
+		}
+		_ = m.Close()
+	}
+	slices.Sort(names)
+	return names
 }
 
 // explainLoadError prints verifier errors in full and turns an incompatible

@@ -108,6 +108,10 @@ func (g *Gate) Forget(k Key) error {
 			errs = append(errs, err)
 		}
 	}
+	// After the activity entry, so that no new socket is counted for k.
+	if err := g.uncountSockets(bk); err != nil {
+		errs = append(errs, err)
+	}
 	// Stop watching the port for listeners unless another key uses it.
 	keys, err := g.Keys()
 	if err != nil {
@@ -126,6 +130,34 @@ func (g *Gate) Forget(k Key) error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("forget %s: %w", k, err)
+	}
+	return nil
+}
+
+// uncountSockets drops the sockets counted for k. Left behind, a socket
+// counted before Forget would, when it closes, be uncounted from the fresh
+// entry that Park or Open creates for k later: one below zero for good.
+// Keys are collected first because deleting while iterating a hash map can
+// restart the iteration.
+func (g *Gate) uncountSockets(bk zeroscaleGateKey) error {
+	var (
+		sock  uint64
+		owner zeroscaleGateKey
+		stale []uint64
+	)
+	it := g.objs.CountedSocks.Iterate()
+	for it.Next(&sock, &owner) {
+		if owner == bk {
+			stale = append(stale, sock)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list counted sockets: %w", err)
+	}
+	for _, sock := range stale {
+		if err := g.objs.CountedSocks.Delete(&sock); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("uncount socket: %w", err)
+		}
 	}
 	return nil
 }
@@ -207,6 +239,14 @@ func (g *Gate) Activity(k Key) (Activity, error) {
 		LastActive:  monoToWall(act.LastActiveNs),
 		Checks:      act.Checks,
 		LastCheck:   monoToWall(act.LastCheckNs),
+	}
+	if a.Established < 0 {
+		// Only a socket counted under an earlier entry for k can do this
+		// (Forget racing an accept); idle detection must not see "minus
+		// one connection open".
+		g.clampedReads.Add(1)
+		g.logger.Debug("clamped a negative established count", "address", k.String(), "established", a.Established)
+		a.Established = 0
 	}
 	var lastSeen uint64
 	for _, s := range perCPU {

@@ -16,12 +16,26 @@ import (
 	"testing"
 	"time"
 
+	"github.com/zeroscale/nomad-driver-zeroscale/internal/cgroups"
 	"github.com/zeroscale/nomad-driver-zeroscale/internal/testnet"
 )
 
 // TestMain doubles as a tiny TCP client when run under another name (the
-// health-check test execs this binary as "consul").
+// health-check test execs this binary as "consul"), and as a listener that
+// another cgroup owns (the listen-owner test).
 func TestMain(m *testing.M) {
+	if addr := os.Getenv("ZS_TEST_LISTEN"); addr != "" {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		fmt.Println("listening")
+		// Listen until the test closes our stdin.
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		_ = ln.Close()
+		os.Exit(0)
+	}
 	if addr := os.Getenv("ZS_TEST_DIAL"); addr != "" {
 		c, err := net.DialTimeout("tcp", addr, 3*time.Second)
 		if err != nil {
@@ -247,6 +261,108 @@ func TestListenEvent(t *testing.T) {
 	if k, ok := got[wildcard]; !ok || !k.Addr.IsUnspecified() {
 		t.Fatalf("listen event for wildcard %d: %v (ok=%v)", wildcard, k, ok)
 	}
+}
+
+func TestListenEventNamesTheListenersCgroupAndProcess(t *testing.T) {
+	g := loadGate(t, Options{})
+	addr := netip.MustParseAddr("127.0.0.1")
+	port := freePort(t, addr)
+	_ = g.Park(Key{addr, port}) // watches the port
+	drainEvents(g, 20*time.Millisecond)
+
+	// A Nomad-shaped task cgroup; the helper is cloned straight into it,
+	// so its listen() can only be charged to that cgroup.
+	const alloc = "5f0c2b9e-7d41-4a8e-b3c6-0e9d8f7a6b5c"
+	dir := testCgroup(t, alloc+".web.scope")
+	var st syscall.Stat_t
+	if err := syscall.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	fd, err := syscall.Open(dir, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatalf("open cgroup: %v", err)
+	}
+	defer syscall.Close(fd)
+
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), "ZS_TEST_LISTEN="+netip.AddrPortFrom(addr, port).String())
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start the listener in its cgroup: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = stdin.Close()
+		_ = cmd.Wait()
+	})
+	line := make([]byte, len("listening\n"))
+	if _, err := io.ReadFull(stdout, line); err != nil {
+		t.Fatalf("the listener did not start: %v", err)
+	}
+
+	var ev *Event
+	for _, e := range drainEvents(g, 500*time.Millisecond) {
+		if e.Is(EventListen) && e.Key.Port == port {
+			ev = &e
+		}
+	}
+	if ev == nil {
+		t.Fatalf("no listen event for port %d", port)
+	}
+	if ev.CgroupID != st.Ino || ev.PID != cmd.Process.Pid {
+		t.Fatalf("listen event names cgroup %d pid %d, want cgroup %d (%s) pid %d",
+			ev.CgroupID, ev.PID, st.Ino, dir, cmd.Process.Pid)
+	}
+	got, ok, err := cgroups.AllocOf(ev.CgroupID)
+	if err != nil || !ok || got != alloc {
+		t.Fatalf("allocation of the listener's cgroup: %q %v %v, want %s", got, ok, err, alloc)
+	}
+}
+
+// testCgroup creates <cgroup2 root>/zeroscale-test-<pid>.slice/<name> and
+// removes both when the test ends, once the processes in it have exited.
+func testCgroup(t *testing.T, name string) string {
+	t.Helper()
+	root, err := cgroups.Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slice := filepath.Join(root, fmt.Sprintf("zeroscale-test-%d.slice", os.Getpid()))
+	dir := filepath.Join(slice, name)
+	_ = syscall.Rmdir(dir) // leftovers of a crashed run
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatalf("create test cgroup: %v", err)
+	}
+	t.Cleanup(func() {
+		// A cgroup is busy until its last process is reaped.
+		deadline := time.Now().Add(5 * time.Second)
+		for _, d := range []string{dir, slice} {
+			for {
+				err := syscall.Rmdir(d)
+				if err == nil || errors.Is(err, syscall.ENOENT) {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Errorf("remove test cgroup %s: %v", d, err)
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	})
+	return dir
 }
 
 func TestHealthChecksAreNotActivity(t *testing.T) {
@@ -483,5 +599,90 @@ func TestHealthCheckSYNsDoNotWake(t *testing.T) {
 	}
 	if a, _ := g.Activity(k); a.CheckSYNs != 2 {
 		t.Fatalf("check SYNs %d, want 2", a.CheckSYNs)
+	}
+}
+
+func TestAConnectionFromBeforeForgetDoesNotCountBelowZero(t *testing.T) {
+	n := testnet.New(t)
+	g := loadGate(t, Options{})
+	attach(t, g, n.HostIf)
+	port := freePort(t, n.HostAddr)
+	target := netip.AddrPortFrom(n.HostAddr, port).String()
+	ln, err := net.Listen("tcp", target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// The server side leaves ESTABLISHED when the client's FIN arrives,
+	// before its read returns EOF: ended means the kernel has seen the close.
+	ended := make(chan struct{})
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _ = io.Copy(io.Discard, c)
+		close(ended)
+	}()
+	k := Key{n.HostAddr, port}
+	if err := g.Open(k); err != nil {
+		t.Fatal(err)
+	}
+	c, err := n.Dial(context.Background(), "tcp", target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitActivity(t, g, k, "connected", func(a Activity) bool { return a.Established == 1 })
+
+	// The policy goes away and comes back while the connection lives.
+	if err := g.Forget(k); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Open(k); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server never saw the close")
+	}
+	var act zeroscaleSockActivity
+	bk := k.bpf()
+	if err := g.objs.Activity.Lookup(&bk, &act); err != nil {
+		t.Fatal(err)
+	}
+	if act.Established != 0 || act.Closed != 0 {
+		t.Fatalf("in the kernel after close: established %d closed %d, want 0 and 0: "+
+			"a socket counted before Forget was uncounted from the new entry", act.Established, act.Closed)
+	}
+	if a, err := g.Activity(k); err != nil || a.Established != 0 {
+		t.Fatalf("activity after close: %+v %v, want 0 established", a, err)
+	}
+	if c := counter(t, g, "established_clamped"); c != 0 {
+		t.Fatalf("the count went negative and was clamped %d times", c)
+	}
+}
+
+func TestActivityNeverReportsANegativeEstablishedCount(t *testing.T) {
+	g := loadGate(t, Options{})
+	k := Key{server4, 8080}
+	if err := g.Open(k); err != nil {
+		t.Fatal(err)
+	}
+	bk := k.bpf()
+	if err := g.objs.Activity.Put(&bk, &zeroscaleSockActivity{Established: -1}); err != nil {
+		t.Fatal(err)
+	}
+	a, err := g.Activity(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Established != 0 {
+		t.Fatalf("established %d, want 0", a.Established)
+	}
+	if c := counter(t, g, "established_clamped"); c != 1 {
+		t.Fatalf("clamp counter %d, want 1", c)
 	}
 }

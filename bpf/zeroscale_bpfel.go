@@ -25,6 +25,9 @@ type zeroscaleEvent struct {
 	FrameLen uint32
 	CapLen   uint32
 	Frame    [128]uint8
+	CgroupId uint64
+	Tgid     uint32
+	Pad2     uint32
 }
 
 type zeroscaleFlowKey struct {

@@ -3,6 +3,7 @@ package plugin
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"slices"
@@ -15,6 +16,7 @@ import (
 	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
 	"github.com/zeroscale/nomad-driver-zeroscale/consul"
 	"github.com/zeroscale/nomad-driver-zeroscale/driver"
+	"github.com/zeroscale/nomad-driver-zeroscale/internal/cgroups"
 	"github.com/zeroscale/nomad-driver-zeroscale/scaling"
 )
 
@@ -26,12 +28,28 @@ type nodeAgent struct {
 	gate     *bpf.Gate
 	registry *prometheus.Registry
 	wg       sync.WaitGroup
+
+	// attachMu guards attachErrs: why the gate is missing on a configured
+	// interface. While any is missing nothing is parked (invariant 4).
+	attachMu   sync.Mutex
+	attachErrs map[string]error
+	attached   *prometheus.GaugeVec
+	// running: the scaler is up (Nomad and Consul clients too); only then
+	// does the fingerprint say the gate is supported.
+	running bool
 }
 
 // startNodeAgent loads the gate and starts everything in the background; it
 // returns at once. The gate keeps its pinned state when ctx ends.
 func startNodeAgent(ctx context.Context, s settings, logger hclog.Logger, drv *driver.Driver) *nodeAgent {
-	a := &nodeAgent{settings: s, logger: logger.Named("agent"), driver: drv, registry: prometheus.NewRegistry()}
+	a := &nodeAgent{settings: s, logger: logger.Named("agent"), driver: drv, registry: prometheus.NewRegistry(),
+		attachErrs: make(map[string]error),
+		attached: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "zeroscale_gate_attached",
+			Help: "1 when the gate is attached on the interface, 0 when it must be and is not (nothing is parked then).",
+		}, []string{"interface"}),
+	}
+	a.registry.MustRegister(a.attached)
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
@@ -66,7 +84,7 @@ func (a *nodeAgent) run(ctx context.Context) {
 		a.logger.Error("cannot apply health_check_processes", "error", err)
 	}
 	a.attachInterfaces()
-	a.driver.SetGateStatus(driver.GateStatus{Supported: true})
+	a.driver.SetGateStatus(driver.GateStatus{Reason: "node agent starting: waiting for Nomad and Consul"})
 
 	metrics := scaling.NewMetrics(a.registry)
 	a.registry.MustRegister(&gateCollector{gate: gate})
@@ -101,6 +119,8 @@ func (a *nodeAgent) run(ctx context.Context) {
 		OnAwake: func(id scaling.GroupID, msg string) {
 			a.driver.EmitGroupEvent(id.Namespace, id.Job, id.Group, msg)
 		},
+		GateReady:     a.gateReady,
+		ListenerAlloc: listenerAlloc(a.logger),
 	})
 	cluster.Leader = cc.NewLeader(consul.LeaderOptions{Name: node}, func(leader bool) {
 		agent.Do(ctx, func() { agent.OnLeader(leader) })
@@ -140,6 +160,10 @@ func (a *nodeAgent) run(ctx context.Context) {
 	goRun(func() { a.cleanStaleReports(ctx, cc, cluster) })
 
 	a.logger.Info("node agent running", "node", node, "dry_run", s.DryRun, "syn_replay", s.SYNReplay)
+	a.attachMu.Lock()
+	a.running = true
+	a.attachMu.Unlock()
+	a.publishGateStatus()
 	agent.Run(ctx, gate.Events())
 }
 
@@ -243,19 +267,28 @@ func (a *nodeAgent) wantedInterfaces() []string {
 
 func (a *nodeAgent) attachInterfaces() {
 	attached := a.gate.Attached()
+	configured := len(a.settings.Interfaces) > 0
+	failed := make(map[string]error)
 	for _, name := range a.wantedInterfaces() {
 		if slices.Contains(attached, name) {
+			a.attached.WithLabelValues(name).Set(1)
 			continue
 		}
 		mode, err := a.gate.Attach(name, a.settings.gateModes[name])
 		if err != nil {
-			if len(a.settings.Interfaces) > 0 {
-				a.logger.Warn("cannot attach the gate yet; will retry", "interface", name, "error", err)
+			if configured {
+				// A configured interface without the gate: SYNs arriving
+				// there could never wake a parked service, so nothing is
+				// parked until it is attached.
+				failed[name] = err
+				a.attached.WithLabelValues(name).Set(0)
+				a.logger.Warn("cannot attach the gate; nothing is parked until it is; will retry", "interface", name, "error", err)
 			} else {
 				a.logger.Debug("cannot attach the gate", "interface", name, "error", err)
 			}
 			continue
 		}
+		a.attached.WithLabelValues(name).Set(1)
 		a.logger.Info("gating interface", "interface", name, "mode", mode)
 		if name == "lo" && a.settings.SYNReplay {
 			if err := bpf.PrepareLoopbackReplay(); err != nil {
@@ -264,6 +297,60 @@ func (a *nodeAgent) attachInterfaces() {
 				a.logger.Info("set accept_local and route_localnet on lo so replayed SYNs from local clients are taken")
 			}
 		}
+	}
+	a.attachMu.Lock()
+	a.attachErrs = failed
+	a.attachMu.Unlock()
+	a.publishGateStatus()
+}
+
+// gateReady is nil when the gate is attached on every configured interface.
+func (a *nodeAgent) gateReady() error {
+	a.attachMu.Lock()
+	defer a.attachMu.Unlock()
+	names := make([]string, 0, len(a.attachErrs))
+	for name := range a.attachErrs {
+		names = append(names, name)
+	}
+	if len(names) == 0 {
+		return nil
+	}
+	slices.Sort(names)
+	return fmt.Errorf("gate not attached on interface %s (config field interfaces): %w", names[0], a.attachErrs[names[0]])
+}
+
+// publishGateStatus tells the fingerprint whether the gate works: only once
+// the scaler runs and the gate is attached everywhere it must be.
+func (a *nodeAgent) publishGateStatus() {
+	a.attachMu.Lock()
+	running := a.running
+	a.attachMu.Unlock()
+	if !running {
+		return
+	}
+	if err := a.gateReady(); err != nil {
+		a.driver.SetGateStatus(driver.GateStatus{Reason: err.Error()})
+		return
+	}
+	a.driver.SetGateStatus(driver.GateStatus{Supported: true})
+}
+
+// listenerAlloc resolves listeners to Nomad allocations through cgroup v2.
+// The process's own cgroup list comes first (it names Nomad's v1 and v2
+// cgroups alike); the v2 cgroup id from the kernel covers a process that
+// exited before it was read.
+func listenerAlloc(logger hclog.Logger) func(bpf.Event) (string, bool) {
+	return func(ev bpf.Event) (string, bool) {
+		if alloc, ok, err := cgroups.AllocOfProcess(ev.PID); ok {
+			return alloc, true
+		} else if err != nil {
+			logger.Debug("cannot read a listener's cgroups", "pid", ev.PID, "error", err)
+		}
+		alloc, ok, err := cgroups.AllocOf(ev.CgroupID)
+		if err != nil {
+			logger.Debug("cannot resolve a listener's cgroup", "cgroup_id", ev.CgroupID, "error", err)
+		}
+		return alloc, ok
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/netip"
+	"slices"
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
@@ -46,6 +47,25 @@ type Config struct {
 	// OnAwake, if set, hears that a woken group is ready (the plugin turns
 	// it into task events).
 	OnAwake func(id GroupID, message string)
+
+	// NomadPollInterval: each group's count is read at least this often.
+	NomadPollInterval time.Duration
+	// RecordRefresh: each group's record is re-read consistently this often.
+	RecordRefresh time.Duration
+	// ScaleSettle is how long a Scale may take to show in Nomad's count.
+	ScaleSettle time.Duration
+	// MovedFor: an address the group left answers SYNs with a RST this long.
+	MovedFor time.Duration
+	// OrphanGrace: after start, gate entries that no group claims are kept
+	// this long (the watches need a moment to say who owns what), then
+	// removed.
+	OrphanGrace time.Duration
+	// GateReady says whether parking is safe on this node: nil when the
+	// gate is attached everywhere it must be (nil func: always).
+	GateReady func() error
+	// ListenerAlloc resolves the process of a listen event to its Nomad
+	// allocation; nil: every listener counts (tests of pure logic).
+	ListenerAlloc func(ev bpf.Event) (allocID string, ok bool)
 }
 
 func (c *Config) setDefaults() {
@@ -85,6 +105,21 @@ func (c *Config) setDefaults() {
 	if c.Spawn == nil {
 		c.Spawn = func(f func()) { go f() }
 	}
+	if c.NomadPollInterval <= 0 {
+		c.NomadPollInterval = 5 * time.Second
+	}
+	if c.RecordRefresh <= 0 {
+		c.RecordRefresh = 30 * time.Second
+	}
+	if c.ScaleSettle <= 0 {
+		c.ScaleSettle = 15 * time.Second
+	}
+	if c.MovedFor <= 0 {
+		c.MovedFor = 5 * time.Minute
+	}
+	if c.OrphanGrace <= 0 {
+		c.OrphanGrace = 15 * time.Second
+	}
 }
 
 // Agent is one node's scaler. Its state is owned by one goroutine (Run);
@@ -113,6 +148,11 @@ type Agent struct {
 	// recentListens are listen events of the last seconds: a woken service
 	// may listen before its new address is registered in Consul.
 	recentListens []listenSeen
+	// kernel is the gate's entries as last read back (and since written).
+	kernel map[bpf.Key]bpf.State
+	// started and policiesRead gate the removal of unowned entries.
+	started      time.Time
+	policiesRead bool
 }
 
 type pendingEvent struct {
@@ -132,9 +172,12 @@ func NewAgent(cfg Config) *Agent {
 		keyIndex:    make(map[bpf.Key]GroupID),
 		reports:     make(map[string]map[string]consul.ActivityReport),
 		allocGroups: make(map[string]GroupID),
+		kernel:      make(map[bpf.Key]bpf.State),
 	}
 	a.node = cfg.Cluster.NodeName()
+	a.started = a.clock.Now()
 	a.refreshLocal(true)
+	a.observeKernel()
 	return a
 }
 
@@ -193,7 +236,7 @@ func (a *Agent) OnGroupStates(states map[string]consul.GroupState) {
 		if !ok {
 			st = consul.GroupState{Phase: consul.PhaseAwake}
 		}
-		a.setState(g, st)
+		a.fromWatch(g, st)
 	}
 }
 
@@ -206,15 +249,10 @@ func (a *Agent) OnInstances(service string, instances []consul.Instance) {
 		case inst.Asleep:
 			id = GroupID{Namespace: inst.Meta[consul.MetaNamespace], Job: inst.Meta[consul.MetaJob], Group: inst.Meta[consul.MetaGroup]}
 		case inst.AllocID != "":
-			gid, ok := a.allocGroups[inst.AllocID]
-			if !ok {
-				var err error
-				gid, err = a.cfg.Nomad.AllocGroup(inst.AllocID)
-				if err != nil {
-					a.logger.Debug("cannot resolve the allocation of an instance", "service", service, "alloc_id", inst.AllocID, "error", err)
-					continue
-				}
-				a.allocGroups[inst.AllocID] = gid
+			gid, err := a.allocGroup(inst.AllocID)
+			if err != nil {
+				a.logger.Debug("cannot resolve the allocation of an instance", "service", service, "alloc_id", inst.AllocID, "error", err)
+				continue
 			}
 			id = gid
 		default:
@@ -229,6 +267,19 @@ func (a *Agent) OnInstances(service string, instances []consul.Instance) {
 		a.setInstances(g, service, byGroup[id])
 	}
 	a.reindex()
+}
+
+// allocGroup resolves an allocation to its group (allocations never move).
+func (a *Agent) allocGroup(allocID string) (GroupID, error) {
+	if id, ok := a.allocGroups[allocID]; ok {
+		return id, nil
+	}
+	id, err := a.cfg.Nomad.AllocGroup(allocID)
+	if err != nil {
+		return GroupID{}, err
+	}
+	a.allocGroups[allocID] = id
+	return id, nil
 }
 
 // OnGateEvent handles a kernel report.
@@ -249,11 +300,13 @@ func (a *Agent) OnGateEvent(ev bpf.Event) {
 	a.onConnect(g, ev)
 }
 
-// Tick advances timers: activity reports, the leader's idle checks and
-// parking, wake retries and deadlines, gate and placeholder upkeep.
+// Tick is one reconciler pass: observe (the kernel's entries, each group's
+// count and record), decide and apply, then the timers of the sleep and
+// wake protocol, and the removal of entries no group owns.
 func (a *Agent) Tick() {
 	now := a.clock.Now()
 	a.refreshLocal(false)
+	a.observeKernel()
 	a.retryPending(now)
 	for len(a.recentListens) > 0 && now.Sub(a.recentListens[0].at) > 30*time.Second {
 		a.recentListens = a.recentListens[1:]
@@ -262,8 +315,9 @@ func (a *Agent) Tick() {
 		if g.policy != nil && now.Sub(g.specRead) > time.Minute {
 			a.refreshSpec(g, now) // the job may have changed its services
 		}
+		a.reconcile(g, now)
 		a.publishActivity(g, now)
-		if a.leader && g.policy != nil {
+		if a.leader && g.policy != nil && !g.stoodDown {
 			a.leaderDuties(g, now)
 		}
 		a.wakeDuties(g, now)
@@ -271,7 +325,86 @@ func (a *Agent) Tick() {
 		a.syncGate(g)
 		a.syncPlaceholders(g, now)
 	}
+	a.removeOrphans(now)
 	a.updateGauges()
+}
+
+// reconcile brings one group's record in line with Nomad's count, and its
+// gate and placeholders in line with the record.
+func (a *Agent) reconcile(g *group, now time.Time) {
+	if g.policy == nil {
+		return
+	}
+	a.observeRecord(g, now)
+	a.observeNomad(g, now, false)
+	stopped := g.nomad.err == nil && g.nomad.status.Stopped || g.nomad.gone
+	if stopped != g.stoodDown {
+		g.stoodDown = stopped
+		if stopped {
+			a.logger.Info("job stopped: gate opened and placeholders removed", "group", g.id.String())
+		}
+	}
+	if g.stoodDown {
+		return
+	}
+	r, ok := decideRecord(a.recordViewOf(g, now))
+	if !ok {
+		return
+	}
+	a.logger.Info("repairing the group's record", "group", g.id.String(), "from", g.state.Phase, "to", r.next.Phase, "reason", r.why)
+	a.cfg.Metrics.Repairs.WithLabelValues(string(r.next.Phase)).Inc()
+	if err := a.swap(g, r.next); err != nil && !errors.Is(err, consul.ErrConflict) {
+		// Consul is unreachable: act on the derived state locally (the
+		// record is a cache), and write it once Consul answers again.
+		a.logger.Warn("cannot write the repaired record; acting on it locally", "group", g.id.String(), "error", err)
+		local := r.next
+		local.Index = g.state.Index
+		a.setState(g, local)
+	}
+}
+
+func (a *Agent) recordViewOf(g *group, now time.Time) recordView {
+	v := recordView{
+		now: now, record: g.state, recordLost: g.recordLost, nomad: g.nomad, policy: *g.policy,
+		known: g.knownAddresses(), wakingHere: g.wake != nil && g.wake.winner,
+		settle: a.cfg.ScaleSettle, parkAbandon: 2 * a.cfg.ParkAckTimeout,
+	}
+	for _, inst := range g.liveKeys() {
+		if inst.AllocID == "" {
+			continue
+		}
+		if !slices.Contains(v.allocs, inst.AllocID) {
+			v.allocs = append(v.allocs, inst.AllocID)
+		}
+		if inst.Passing && slices.Contains(g.state.Allocs, inst.AllocID) {
+			v.oldAllocsRunning = true
+		}
+	}
+	return v
+}
+
+// removeOrphans forgets kernel entries that no gated group wants: a policy
+// removed while the plugin was down, an address a group no longer has, an
+// expired "moved" entry. They are kept for OrphanGrace after start, until
+// the policies and records have been read.
+func (a *Agent) removeOrphans(now time.Time) {
+	if !a.policiesRead || now.Sub(a.started) < a.cfg.OrphanGrace {
+		return
+	}
+	wanted := make(map[bpf.Key]bool)
+	for _, g := range a.groups {
+		for k := range a.desiredGate(g) {
+			wanted[k] = true
+		}
+	}
+	for k, s := range a.kernel {
+		if wanted[k] {
+			continue
+		}
+		a.logger.Info("removing a gate entry no gated group owns", "address", k.String(), "state", s.String())
+		a.cfg.Metrics.Repairs.WithLabelValues("orphan_entry").Inc()
+		a.forget(k)
+	}
 }
 
 func (a *Agent) refreshLocal(force bool) {
@@ -327,10 +460,10 @@ func (a *Agent) updateGauges() {
 	parked := 0
 	for _, g := range a.groups {
 		phases[g.state.Phase]++
-		for _, s := range g.applied {
-			if s == bpf.StateParked {
-				parked++
-			}
+	}
+	for _, s := range a.kernel {
+		if s == bpf.StateParked {
+			parked++
 		}
 	}
 	for _, p := range []consul.Phase{consul.PhaseAwake, consul.PhaseParking, consul.PhaseAsleep, consul.PhaseWaking} {
@@ -347,7 +480,7 @@ func (a *Agent) swap(g *group, next consul.GroupState) error {
 	if err != nil {
 		if errors.Is(err, consul.ErrConflict) {
 			if cur, rerr := a.cfg.Cluster.GroupState(g.id.Key()); rerr == nil {
-				a.setState(g, cur)
+				a.adopt(g, cur)
 			}
 			return err
 		}

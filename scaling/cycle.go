@@ -69,6 +69,12 @@ func (a *Agent) idleCheck(g *group, now time.Time) {
 }
 
 func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
+	if err := a.gateUsable(); err != nil {
+		// Invariant 4: a SYN could not reach a gate, so nothing could wake it.
+		a.reportOnce(g, "gate-unusable-"+err.Error(), true, "zeroscale: idle, but not parked: "+err.Error())
+		g.nextIdleCheck = now.Add(30 * time.Second)
+		return
+	}
 	status, err := a.cfg.Nomad.ScaleStatus(g.id)
 	if err != nil {
 		a.logger.Warn("cannot read the group's count", "group", g.id.String(), "error", err)
@@ -186,13 +192,14 @@ func (a *Agent) undoParking(g *group, reason string) {
 
 func (a *Agent) commitSleep(g *group, now time.Time) {
 	asleep := g.state
-	asleep.Phase = consul.PhaseAsleep
+	asleep.Phase, asleep.Since = consul.PhaseAsleep, now
 	if err := a.swap(g, asleep); err != nil {
 		return // someone woke it meanwhile
 	}
 	zero := 0
 	msg := "zeroscale: " + g.state.Reason
 	err := a.cfg.Nomad.Scale(g.id, &zero, msg, false, map[string]any{"zeroscale": "sleep", "node": a.node})
+	g.nomad.at = time.Time{} // whatever the answer, read the count again
 	if err != nil {
 		a.cfg.Metrics.Errors.WithLabelValues("scale_down").Inc()
 		back := g.state
@@ -232,7 +239,7 @@ type wakeAttempt struct {
 
 // onConnect handles a SYN dropped at a parked address of g.
 func (a *Agent) onConnect(g *group, ev bpf.Event) {
-	if g.policy == nil {
+	if g.policy == nil || g.stoodDown {
 		return
 	}
 	now := a.clock.Now()
@@ -254,13 +261,23 @@ func (a *Agent) onConnect(g *group, ev bpf.Event) {
 			a.cfg.Metrics.DryRunDecisions.WithLabelValues("wake").Inc()
 			return
 		}
-		if err := a.swap(g, next); err != nil {
-			if errors.Is(err, consul.ErrConflict) {
-				return // another node is waking it
-			}
-			// Consul unreachable: do not lose the wake; Nomad's count check
-			// keeps concurrent wakers from scaling twice.
+		err := a.swap(g, next)
+		if errors.Is(err, consul.ErrConflict) && g.recordLost && g.state.Phase == consul.PhaseAsleep {
+			// The record was wiped: this node's copy says asleep; write it
+			// afresh and wake.
+			next.Epoch = g.state.Epoch
+			err = a.swap(g, next)
+		}
+		if errors.Is(err, consul.ErrConflict) {
+			return // another node is waking it
+		}
+		if err != nil {
+			// Consul unreachable: do not lose the wake. Act on it locally;
+			// Nomad's count check keeps concurrent wakers from scaling twice.
 			a.logger.Warn("cannot record the wake in Consul; waking anyway", "group", g.id.String(), "error", err)
+			local := next
+			local.Index = g.state.Index
+			a.setState(g, local)
 		}
 		wake.winner = true
 		g.wake = wake
@@ -280,7 +297,8 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 		return
 	}
 	w.tries++
-	status, err := a.cfg.Nomad.ScaleStatus(g.id)
+	a.observeNomad(g, now, true)
+	status, err := g.nomad.status, g.nomad.err
 	if err != nil {
 		a.cfg.Metrics.Errors.WithLabelValues("nomad").Inc()
 		w.nextTry = now.Add(backoff(w.tries))
@@ -297,6 +315,7 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 	err = a.cfg.Nomad.Scale(g.id, &count, msg, false, map[string]any{
 		"zeroscale": "wake", "node": a.node, "source": w.from.String(),
 	})
+	g.nomad.at = time.Time{}
 	if err == nil {
 		w.scaled = true
 		w.nextTry = now.Add(2 * time.Second)
@@ -336,7 +355,20 @@ func (a *Agent) wakeDuties(g *group, now time.Time) {
 }
 
 func (a *Agent) wakeTimedOut(g *group, now time.Time) {
-	msg := fmt.Sprintf("zeroscale: not ready within wake_timeout %s after the connect; staying parked", g.policy.WakeTimeout)
+	a.observeNomad(g, now, true)
+	running := g.nomad.err == nil && g.nomad.status.Desired > 0
+	msg := fmt.Sprintf("zeroscale: not ready within wake_timeout %s after the connect; ", g.policy.WakeTimeout)
+	back := g.state
+	back.Since = now
+	if running {
+		// Invariant 3: an instance is (or should be) running; an open gate
+		// lets clients reach it or be refused at once, never held.
+		msg += "gate opened"
+		back.Phase, back.Reason = consul.PhaseAwake, "wake timed out; opened"
+	} else {
+		msg += "staying parked"
+		back.Phase, back.Reason = consul.PhaseAsleep, "wake timed out"
+	}
 	if g.wake != nil && g.wake.failed != "" {
 		msg += " (" + g.wake.failed + ")"
 	}
@@ -345,11 +377,11 @@ func (a *Agent) wakeTimedOut(g *group, now time.Time) {
 	if err := a.cfg.Nomad.Scale(g.id, nil, msg, true, map[string]any{"zeroscale": "wake_timeout", "node": a.node}); err != nil {
 		a.logger.Warn("cannot record a scaling event", "group", g.id.String(), "error", err)
 	}
-	back := g.state
-	back.Phase, back.Since, back.Reason = consul.PhaseAsleep, now, "wake timed out"
 	g.wake = nil
-	if err := a.swap(g, back); err != nil {
-		a.logger.Debug("wake timeout: state changed meanwhile", "group", g.id.String(), "error", err)
+	if err := a.swap(g, back); err != nil && !errors.Is(err, consul.ErrConflict) {
+		local := back
+		local.Index = g.state.Index
+		a.setState(g, local)
 	}
 }
 
@@ -357,20 +389,40 @@ func (a *Agent) wakeTimedOut(g *group, now time.Time) {
 // listener at any address of a sleeping group (the parked ones, or a new one
 // if the group woke elsewhere) means it is up.
 func (a *Agent) onListen(ev bpf.Event) {
-	a.recentListens = append(a.recentListens, listenSeen{ev: ev, at: a.clock.Now()})
+	seen := listenSeen{ev: ev, at: a.clock.Now()}
+	if a.cfg.ListenerAlloc != nil {
+		// Resolve now: the process (and its cgroup) may be gone later.
+		seen.alloc, _ = a.cfg.ListenerAlloc(ev)
+	}
+	a.recentListens = append(a.recentListens, seen)
 	for _, g := range a.groups {
-		a.checkListening(g, []bpf.Event{ev})
+		a.checkListening(g, []listenSeen{seen})
 	}
 }
 
 type listenSeen struct {
-	ev bpf.Event
-	at time.Time
+	ev    bpf.Event
+	at    time.Time
+	alloc string // the listener's Nomad allocation, "" when not one
+}
+
+// ownListener tells whether a listener belongs to an allocation the wake
+// started (invariant 5): a foreign process, or the allocation that was
+// running when the group parked, never opens the gate.
+func (a *Agent) ownListener(g *group, l listenSeen) bool {
+	if a.cfg.ListenerAlloc == nil {
+		return true
+	}
+	if l.alloc == "" || slices.Contains(g.state.Allocs, l.alloc) {
+		return false
+	}
+	id, err := a.allocGroup(l.alloc)
+	return err == nil && id == g.id
 }
 
 // checkListening marks g ready if one of the listen events matches a local
 // address of g while it sleeps.
-func (a *Agent) checkListening(g *group, evs []bpf.Event) {
+func (a *Agent) checkListening(g *group, evs []listenSeen) {
 	if g.policy == nil || g.policy.Ready != ReadyListen || !g.sleeping() || g.state.Phase == consul.PhaseParking {
 		return
 	}
@@ -379,9 +431,9 @@ func (a *Agent) checkListening(g *group, evs []bpf.Event) {
 		if !a.isLocal(k.Addr) || g.readyKeys[k] {
 			continue
 		}
-		for _, ev := range evs {
-			la := ev.Key.Addr
-			if k.Port == ev.Key.Port && (la == k.Addr || la.IsUnspecified() && (la.Is6() || k.Addr.Is4())) {
+		for _, l := range evs {
+			la := l.ev.Key.Addr
+			if k.Port == l.ev.Key.Port && (la == k.Addr || la.IsUnspecified() && (la.Is6() || k.Addr.Is4())) && a.ownListener(g, l) {
 				ready = append(ready, k)
 				break
 			}

@@ -81,6 +81,15 @@ func (g *fakeGate) SYNPassed(_ bpf.Key, c netip.AddrPort) bool {
 	defer g.mu.Unlock()
 	return g.passed[c]
 }
+func (g *fakeGate) Keys() (map[bpf.Key]bpf.State, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	out := make(map[bpf.Key]bpf.State, len(g.states))
+	for k, s := range g.states {
+		out[k] = s
+	}
+	return out, nil
+}
 func (g *fakeGate) state(k bpf.Key) bpf.State {
 	s, _, _ := g.State(k)
 	return s

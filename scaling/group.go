@@ -29,15 +29,24 @@ type group struct {
 	placeholder map[string][]consul.Instance // placeholder instances by service
 
 	state consul.GroupState
+	// recordLost: Consul lost the record this node held (KV wiped or
+	// restored); state is this node's copy until the reconciler rebuilds it.
+	recordLost   bool
+	recordReadAt time.Time
+	nomad        nomadView
+	// lastLive are the addresses of the last live instances seen, so a group
+	// scaled to 0 outside zeroscale stays wakeable at them.
+	lastLive []consul.Address
+	// stoodDown: the job is stopped; the gate and placeholders are released.
+	stoodDown bool
 
 	// Leader bookkeeping.
 	nextIdleCheck time.Time
 	parkDeadline  time.Time
 
 	// This node's bookkeeping.
-	applied     map[bpf.Key]bpf.State // what this node set in its gate
-	readyKeys   map[bpf.Key]bool      // opened here during a wake
-	parkedEpoch uint64                // the parking epoch this node has applied
+	readyKeys   map[bpf.Key]bool // opened here during a wake
+	parkedEpoch uint64           // the parking epoch this node has applied
 	lastReport  consul.ActivityReport
 	lastReportT time.Time
 	wake        *wakeAttempt
@@ -62,7 +71,6 @@ func newGroup(id GroupID, now time.Time) *group {
 		instances:   make(map[string][]consul.Instance),
 		placeholder: make(map[string][]consul.Instance),
 		state:       consul.GroupState{Phase: consul.PhaseAwake},
-		applied:     make(map[bpf.Key]bpf.State),
 		readyKeys:   make(map[bpf.Key]bool),
 		captures:    make(map[bpf.Key][]capture),
 		registered:  make(map[string]consul.Placeholder),
@@ -169,7 +177,8 @@ func (a *Agent) OnPolicies(stubs []PolicyStub) {
 		if !known {
 			// Pick up where the cluster is (after a restart: maybe asleep).
 			if st, err := a.cfg.Cluster.GroupState(g.id.Key()); err == nil {
-				a.setState(g, st)
+				g.recordReadAt = now
+				a.adopt(g, st)
 			} else {
 				a.logger.Warn("cannot read group state", "group", g.id.String(), "error", err)
 			}
@@ -180,6 +189,7 @@ func (a *Agent) OnPolicies(stubs []PolicyStub) {
 			a.release(g)
 		}
 	}
+	a.policiesRead = true
 	a.reindex()
 }
 
@@ -253,11 +263,9 @@ func (a *Agent) reportOnce(g *group, key string, isError bool, msg string) {
 // release stops gating a group whose policy is gone.
 func (a *Agent) release(g *group) {
 	a.logger.Info("releasing group: no zeroscale policy any more", "group", g.id.String())
-	for k := range g.applied {
-		if !a.cfg.DryRun {
-			if err := a.cfg.Gate.Forget(k); err != nil {
-				a.logger.Warn("cannot remove gate entry", "address", k.String(), "error", err)
-			}
+	for k := range g.keys() {
+		if _, ok := a.kernel[k]; ok && a.keyIndex[k] == g.id {
+			a.forget(k)
 		}
 	}
 	for id, p := range g.registered {
@@ -285,6 +293,13 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 	}
 	g.instances[service] = live
 	g.placeholder[service] = asleep
+	if lk := g.liveKeys(); len(lk) > 0 {
+		g.lastLive = g.lastLive[:0]
+		for k, inst := range lk {
+			g.lastLive = append(g.lastLive, consul.Address{Service: inst.Service, Addr: k.String(), Node: inst.Node})
+		}
+		sortAddresses(g.lastLive)
+	}
 	if g.policy == nil {
 		return
 	}
@@ -305,10 +320,10 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 		} else if len(a.recentListens) > 0 {
 			// Only listeners that appeared after the group was parked: the
 			// one the old allocation opened long ago says nothing.
-			var evs []bpf.Event
+			var evs []listenSeen
 			for _, l := range a.recentListens {
 				if !l.at.Before(g.state.Since) {
-					evs = append(evs, l.ev)
+					evs = append(evs, l)
 				}
 			}
 			a.checkListening(g, evs)
@@ -317,14 +332,53 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 	a.syncGate(g)
 }
 
+// fromWatch applies a record delivered by the KV watch. A watch may deliver
+// a snapshot older than what this node just wrote: KV indexes only grow, so
+// anything below ours is stale. A snapshot without the record is either
+// stale or a deletion; a consistent read tells which.
+func (a *Agent) fromWatch(g *group, st consul.GroupState) {
+	old := g.state
+	if st.Index == 0 && old.Index > 0 {
+		cur, err := a.cfg.Cluster.GroupState(g.id.Key())
+		if err != nil {
+			a.logger.Debug("cannot confirm a missing group record", "group", g.id.String(), "error", err)
+			return
+		}
+		a.adopt(g, cur)
+		return
+	}
+	if st.Index < old.Index || st.Index == old.Index && st.Phase == old.Phase {
+		return
+	}
+	a.setState(g, st)
+}
+
+// adopt takes a record read consistently from Consul as the cluster's view,
+// even one older than this node's copy (a snapshot restore). An absent
+// record while this node holds one means it was lost: keep acting on this
+// node's copy, and let the reconciler rebuild it from Nomad's count.
+func (a *Agent) adopt(g *group, st consul.GroupState) {
+	if st.Index == 0 {
+		if g.state.Index > 0 || g.recordLost {
+			if !g.recordLost {
+				a.logger.Warn("the group's record is gone from Consul; rebuilding it from Nomad", "group", g.id.String(),
+					"phase", g.state.Phase)
+			}
+			g.state.Index, g.recordLost = 0, true
+			g.nomad.at = time.Time{} // read the count again before deciding
+		}
+		return
+	}
+	g.recordLost = false
+	if st.Index == g.state.Index && st.Phase == g.state.Phase {
+		return
+	}
+	a.setState(g, st)
+}
+
 // setState adopts a group record and acts on the phase change.
 func (a *Agent) setState(g *group, st consul.GroupState) {
 	old := g.state
-	// A watch may deliver a snapshot older than what this node just wrote:
-	// KV indexes only grow, so anything below ours is stale.
-	if st.Index < old.Index || st.Index == 0 && old.Index > 0 || st.Index == old.Index && st.Phase == old.Phase {
-		return
-	}
 	g.state = st
 	if st.Phase == old.Phase && st.Epoch == old.Epoch {
 		return

@@ -19,12 +19,18 @@ type Gate interface {
 	Activity(bpf.Key) (bpf.Activity, error)
 	Replay(frame []byte, ifindex int) (bpf.ReplayResult, error)
 	SYNPassed(bpf.Key, netip.AddrPort) bool
+	// Keys reads back every entry in the kernel: the reconciler diffs
+	// against this, never against what it believes it wrote.
+	Keys() (map[bpf.Key]bpf.State, error)
 }
 
 // ScaleStatus is what Nomad says about a group's count.
 type ScaleStatus struct {
 	Desired int
 	Running int
+	// Stopped: the job was stopped (`nomad job stop`); the operator's intent
+	// wins over any sleep or wake.
+	Stopped bool
 }
 
 // GroupSpec is what the agent needs from a group's job specification.

@@ -17,6 +17,7 @@ type Metrics struct {
 	CapturesDropped prometheus.Counter
 	DryRunDecisions *prometheus.CounterVec
 	GroupsByPhase   *prometheus.GaugeVec
+	Repairs         *prometheus.CounterVec
 }
 
 // NewMetrics creates the series and registers them on reg (nil: a private
@@ -62,8 +63,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		GroupsByPhase: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "zeroscale_groups", Help: "Gated groups by phase.",
 		}, []string{"phase"}),
+		Repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "zeroscale_repairs_total",
+			Help: "Differences the reconciler found between the world and a record or the gate, by what it set (a phase, or orphan_entry).",
+		}, []string{"to"}),
 	}
 	reg.MustRegister(m.Wakes, m.Sleeps, m.ParkingUndone, m.WakeLatency, m.ParkedAddresses, m.Errors,
-		m.Leader, m.Replays, m.CapturesDropped, m.DryRunDecisions, m.GroupsByPhase)
+		m.Leader, m.Replays, m.CapturesDropped, m.DryRunDecisions, m.GroupsByPhase, m.Repairs)
 	return m
 }

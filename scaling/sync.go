@@ -12,9 +12,12 @@ import (
 )
 
 // desiredGate is the gate state each local address of g should have now.
+// Parking is allowed only while the gate is attached everywhere it must be
+// and the job is not stopped; a moved address refuses for MovedFor and is
+// then forgotten (invariant 1: no entry outlives its reason).
 func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 	out := make(map[bpf.Key]bpf.State)
-	if g.policy == nil {
+	if g.policy == nil || g.stoodDown {
 		return out
 	}
 	live := g.liveKeys()
@@ -41,35 +44,38 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 				continue
 			}
 			// A parked address the group did not come back at: once the
-			// group runs elsewhere, refuse at once so clients re-resolve
-			// instead of waiting for timeouts.
-			if elsewhere || len(live) > 0 && now.Sub(g.awakeAt) > g.policy.WakeTimeout {
+			// group runs healthy elsewhere, refuse at once for a while so
+			// clients re-resolve instead of waiting for timeouts.
+			switch {
+			case elsewhere && now.Sub(g.awakeAt) < a.cfg.MovedFor:
 				out[k] = bpf.StateMoved
-			} else {
+			case now.Sub(g.awakeAt) < g.policy.WakeTimeout:
 				out[k] = bpf.StateOpen
 			}
 		}
 	}
+	gateOK := a.gateUsable() == nil
 	for k, s := range out {
 		if !a.isLocal(k.Addr) {
 			delete(out, k)
 			continue
 		}
-		if a.cfg.DryRun && s != bpf.StateOpen {
+		if (a.cfg.DryRun || !gateOK) && s != bpf.StateOpen {
 			out[k] = bpf.StateOpen // watch activity, gate nothing
 		}
 	}
 	return out
 }
 
-// syncGate applies desiredGate to the kernel.
+// syncGate makes the kernel's entries for g match desiredGate, diffing
+// against what the kernel holds (read back each pass), not against memory.
 func (a *Agent) syncGate(g *group) {
 	want := a.desiredGate(g)
 	for k, s := range want {
 		if owner, ok := a.keyIndex[k]; ok && owner != g.id {
 			continue // another group claims the address; theirs to set
 		}
-		if g.applied[k] == s {
+		if cur, ok := a.kernel[k]; ok && cur == s {
 			continue
 		}
 		var err error
@@ -87,22 +93,20 @@ func (a *Agent) syncGate(g *group) {
 			continue
 		}
 		a.logger.Debug("gate", "group", g.id.String(), "address", k.String(), "state", s.String())
-		g.applied[k] = s
+		a.kernel[k] = s
 	}
-	for k := range g.applied {
-		if _, ok := want[k]; ok {
+	for k := range g.keys() {
+		if _, wanted := want[k]; wanted || a.keyIndex[k] != g.id {
 			continue
 		}
-		if err := a.cfg.Gate.Forget(k); err != nil {
-			a.logger.Warn("cannot remove a gate entry", "address", k.String(), "error", err)
-			continue
+		if _, ok := a.kernel[k]; ok {
+			a.forget(k)
 		}
-		delete(g.applied, k)
 	}
 	// Acknowledge parking once every local address of the group is closed.
 	if g.state.Phase == consul.PhaseParking && g.parkedEpoch != g.state.Epoch {
 		for k, s := range want {
-			if s == bpf.StateParked && g.applied[k] != bpf.StateParked {
+			if s == bpf.StateParked && a.kernel[k] != bpf.StateParked {
 				return
 			}
 		}
@@ -110,15 +114,28 @@ func (a *Agent) syncGate(g *group) {
 	}
 }
 
+// forget removes k from the kernel.
+func (a *Agent) forget(k bpf.Key) {
+	if err := a.cfg.Gate.Forget(k); err != nil {
+		a.cfg.Metrics.Errors.WithLabelValues("gate").Inc()
+		a.logger.Warn("cannot remove a gate entry", "address", k.String(), "error", err)
+		return
+	}
+	delete(a.kernel, k)
+}
+
 // localReport is this node's activity summary for g.
 func (a *Agent) localReport(g *group, now time.Time) consul.ActivityReport {
 	r := consul.ActivityReport{Node: a.node, ParkedEpoch: g.parkedEpoch, Reported: now}
-	for k := range g.applied {
+	for k := range g.keys() {
+		if _, ok := a.kernel[k]; !ok || a.keyIndex[k] != g.id {
+			continue
+		}
 		act, err := a.cfg.Gate.Activity(k)
 		if err != nil {
 			continue
 		}
-		r.Established += act.Established
+		r.Established += max(act.Established, 0)
 		r.Checks += act.Checks
 		if act.LastActive.After(r.LastActive) {
 			r.LastActive = act.LastActive
@@ -127,10 +144,20 @@ func (a *Agent) localReport(g *group, now time.Time) consul.ActivityReport {
 	return r
 }
 
+// hasEntries tells whether this node gates any address of g.
+func (a *Agent) hasEntries(g *group) bool {
+	for k := range g.keys() {
+		if _, ok := a.kernel[k]; ok {
+			return true
+		}
+	}
+	return false
+}
+
 // publishActivity sends this node's report when it changed (at most every
 // ReportInterval), at once for a parking acknowledgement, and as a heartbeat.
 func (a *Agent) publishActivity(g *group, now time.Time) {
-	if g.policy == nil || (len(g.applied) == 0 && g.parkedEpoch == g.lastReport.ParkedEpoch) {
+	if g.policy == nil || (!a.hasEntries(g) && g.parkedEpoch == g.lastReport.ParkedEpoch) {
 		return
 	}
 	r := a.localReport(g, now)
@@ -159,7 +186,7 @@ func (a *Agent) publishActivity(g *group, now time.Time) {
 // sleeping group, and removes it once the real instance is healthy again.
 func (a *Agent) syncPlaceholders(g *group, now time.Time) {
 	want := make(map[string]consul.Placeholder)
-	if g.policy != nil && g.sleeping() && !a.cfg.DryRun {
+	if g.policy != nil && g.sleeping() && !a.cfg.DryRun && !g.stoodDown {
 		for _, ad := range g.state.Addresses {
 			ap, err := netip.ParseAddrPort(ad.Addr)
 			if err != nil || !a.isLocal(ap.Addr()) {
@@ -170,7 +197,7 @@ func (a *Agent) syncPlaceholders(g *group, now time.Time) {
 			want[p.ID()] = p
 		}
 	}
-	if g.state.Phase == consul.PhaseAwake && g.policy != nil {
+	if g.state.Phase == consul.PhaseAwake && g.policy != nil && !g.stoodDown {
 		// Also clean up stand-ins left by an earlier process on this node.
 		for _, insts := range g.placeholder {
 			for _, inst := range insts {

@@ -141,6 +141,11 @@ struct event {
 	__u32 frame_len;
 	__u32 cap_len;
 	__u8 frame[CAPTURE_BYTES];
+	// Listen events only: who listens. Appended so that records of the
+	// earlier, shorter layout still decode (with these fields zero).
+	__u64 cgroup_id; // cgroup v2 id: the inode of the cgroup's directory
+	__u32 tgid;      // process id, as the initial pid namespace sees it
+	__u32 pad2;
 };
 
 // Referenced so that bpf2go emits a Go type for ring buffer records.
@@ -555,6 +560,10 @@ static __always_inline void emit_event(const struct frame *f, __u32 kind, const 
 		n++;
 	}
 	ev->cap_len = n;
+	// Ring buffer space is not zeroed, and XDP runs in no process's context.
+	ev->cgroup_id = 0;
+	ev->tgid = 0;
+	ev->pad2 = 0;
 	bpf_ringbuf_submit(ev, 0);
 }
 
@@ -1049,6 +1058,11 @@ static __always_inline void listen_event(const struct sock *sk, __u16 family)
 	ev->kind = EVENT_LISTEN;
 	ev->ts_ns = bpf_ktime_get_ns();
 	local_key(&ev->key, sk, family);
+	// listen() runs in the listening process, so "current" is the owner:
+	// the agent maps its cgroup to an allocation and opens the gate only
+	// for the woken allocation's listener.
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->tgid = bpf_get_current_pid_tgid() >> 32;
 	bpf_ringbuf_submit(ev, 0);
 	count(C_LISTEN_EVENTS);
 }

@@ -1,0 +1,130 @@
+package scaling
+
+import (
+	"errors"
+	"time"
+
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
+	"github.com/zeroscale/nomad-driver-zeroscale/consul"
+)
+
+// The observe half of the reconciler: what Nomad, Consul and the kernel say
+// now. Nothing here decides; decide.go turns an observation into a plan.
+
+// nomadView is the group's count as Nomad last reported it.
+type nomadView struct {
+	status ScaleStatus
+	at     time.Time // when it was read; zero: never
+	err    error     // the last read failed
+	gone   bool      // Nomad no longer knows the job or group
+}
+
+// fresh tells whether the view was read after t: a count read before the
+// group's record last changed may predate a Scale of that change.
+func (v nomadView) fresh(t time.Time) bool {
+	return !v.at.IsZero() && v.err == nil && v.at.After(t)
+}
+
+// observeNomad reads the group's count when the last reading is older than
+// NomadPollInterval (or force is set). Every call has a timeout (NomadAPI),
+// so a hung Nomad delays a pass by at most that much.
+func (a *Agent) observeNomad(g *group, now time.Time, force bool) {
+	if !force && !g.nomad.at.IsZero() && now.Sub(g.nomad.at) < a.cfg.NomadPollInterval {
+		return
+	}
+	status, err := a.cfg.Nomad.ScaleStatus(g.id)
+	g.nomad.at = now
+	if err != nil {
+		g.nomad.err = err
+		g.nomad.gone = isNotFound(err)
+		a.cfg.Metrics.Errors.WithLabelValues("nomad").Inc()
+		a.logger.Debug("cannot read the group's count", "group", g.id.String(), "error", err)
+		return
+	}
+	g.nomad = nomadView{status: status, at: now}
+}
+
+// observeRecord re-reads the group's record with a consistent read every
+// RecordRefresh: the watch may have been told nothing after a KV wipe or a
+// snapshot restore, and the record is only a cache of what Nomad says.
+func (a *Agent) observeRecord(g *group, now time.Time) {
+	if now.Sub(g.recordReadAt) < a.cfg.RecordRefresh {
+		return
+	}
+	g.recordReadAt = now
+	st, err := a.cfg.Cluster.GroupState(g.id.Key())
+	if err != nil {
+		a.cfg.Metrics.Errors.WithLabelValues("consul").Inc()
+		a.logger.Debug("cannot read group state", "group", g.id.String(), "error", err)
+		return
+	}
+	a.adopt(g, st)
+}
+
+// observeKernel reads back the gate's entries once per pass.
+func (a *Agent) observeKernel() {
+	keys, err := a.cfg.Gate.Keys()
+	if err != nil {
+		a.cfg.Metrics.Errors.WithLabelValues("gate").Inc()
+		a.logger.Warn("cannot read the gate's entries back", "error", err)
+		return
+	}
+	a.kernel = keys
+}
+
+// gateUsable tells whether parking is allowed on this node: the gate is
+// attached wherever it must be (invariant 4).
+func (a *Agent) gateUsable() error {
+	if a.cfg.GateReady == nil {
+		return nil
+	}
+	return a.cfg.GateReady()
+}
+
+// knownAddresses are every address the group is known to serve at: the
+// record's, the live instances', the placeholders' and the last ones this
+// node saw. A group at count 0 is wakeable only at a known address.
+func (g *group) knownAddresses() []consul.Address {
+	seen := map[string]bool{}
+	var out []consul.Address
+	add := func(ad consul.Address) {
+		if ad.Addr == "" || seen[ad.Addr] {
+			return
+		}
+		seen[ad.Addr] = true
+		out = append(out, ad)
+	}
+	for _, ad := range g.state.Addresses {
+		add(ad)
+	}
+	for k, inst := range g.liveKeys() {
+		add(consul.Address{Service: inst.Service, Addr: k.String(), Node: inst.Node})
+	}
+	for _, insts := range g.placeholder {
+		for _, inst := range insts {
+			add(consul.Address{Service: inst.Service, Addr: bpf.KeyFrom(inst.AddrPort()).String(), Node: inst.Node})
+		}
+	}
+	for _, ad := range g.lastLive {
+		add(ad)
+	}
+	sortAddresses(out)
+	return out
+}
+
+func isNotFound(err error) bool {
+	if err == nil {
+		return false
+	}
+	var se *ScaleError
+	if errors.As(err, &se) {
+		err = se.Err
+	}
+	if code, ok := statusCode(err); ok {
+		return code == 404
+	}
+	return errors.Is(err, ErrGroupGone)
+}
+
+// ErrGroupGone: the job exists but has no such group any more.
+var ErrGroupGone = errors.New("no such group")
