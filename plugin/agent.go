@@ -73,6 +73,10 @@ func (a *nodeAgent) run(ctx context.Context) {
 	}
 	a.gate = gate
 	defer gate.Close() // keeps the pins: gating goes on while the plugin restarts
+	if replaced := gate.Recovered(); len(replaced) > 0 {
+		a.logger.Warn("pinned maps of another zeroscale version were replaced; every address is open until the scaler parks what must be",
+			"maps", replaced)
+	}
 
 	if err := gate.SetWakeFrom(s.wakeFrom); err != nil {
 		a.logger.Error("cannot apply wake_from", "error", err)

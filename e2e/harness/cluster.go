@@ -34,6 +34,8 @@ type ClusterOptions struct {
 	PluginConfig string
 	Persistent   bool
 	DataDir      string
+	// Interfaces replaces the gated interfaces (default: the veth and lo).
+	Interfaces []string
 }
 
 // NewCluster starts everything; the node's network interface is the veth's
@@ -42,7 +44,18 @@ func NewCluster(t testing.TB, opts ClusterOptions) *Cluster {
 	t.Helper()
 	n := testnet.NewIPv4(t)
 	c := StartConsul(t, ConsulOptions{})
-	cfg := fmt.Sprintf("interfaces = [%q, \"lo\"]\nmetrics_address = \"\"\n", n.HostIf) + opts.PluginConfig
+	ifaces := opts.Interfaces
+	if len(ifaces) == 0 {
+		ifaces = []string{n.HostIf, "lo"}
+	}
+	quoted := make([]string, len(ifaces))
+	for i, name := range ifaces {
+		quoted[i] = strconv.Quote(name)
+	}
+	cfg := fmt.Sprintf("interfaces = [%s]\n", strings.Join(quoted, ", ")) + opts.PluginConfig
+	if !strings.Contains(opts.PluginConfig, "metrics_address") {
+		cfg += "metrics_address = \"\"\n"
+	}
 	nomad := StartNomad(t, NomadOptions{Consul: c, NetworkInterface: n.HostIf, PluginConfig: cfg,
 		DataDir: opts.DataDir, Persistent: opts.Persistent})
 	t.Cleanup(func() {

@@ -1,0 +1,264 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
+	"github.com/zeroscale/nomad-driver-zeroscale/e2e/harness"
+)
+
+// The fault suite: one test per fault, on real agents and the real kernel.
+// Each ends with the same check: a connect to the service's address is
+// served or refused at once, never held (a closed gate with no owner hangs).
+
+const (
+	// faultBound is how long the system may take to converge after a fault.
+	faultBound = 30 * time.Second
+	// refusedFast: a refusal slower than this was a held SYN, not a refusal.
+	refusedFast = 2 * time.Second
+)
+
+// connectOutcome dials addr once from the client namespace: "served",
+// "refused" (fast) or "held" (no answer within the dial timeout).
+func connectOutcome(c *harness.Cluster, addr string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	began := time.Now()
+	conn, err := c.Net.Dial(ctx, "tcp", addr)
+	if err == nil {
+		conn.Close()
+		return "served"
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) && time.Since(began) < refusedFast {
+		return "refused"
+	}
+	return "held"
+}
+
+// neverHeld asserts that within faultBound a connect is served or refused
+// at once, and says which.
+func neverHeld(t *testing.T, c *harness.Cluster, addr string) string {
+	t.Helper()
+	deadline := time.Now().Add(faultBound)
+	for {
+		out := connectOutcome(c, addr)
+		if out != "held" {
+			return out
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a connect to %s is still held %s after the fault: a black-holed service\n%s", addr, faultBound, c.Diagnose(t))
+		}
+	}
+}
+
+// getServed asserts that a GET from the client namespace is answered by the
+// real service.
+func getServed(t *testing.T, c *harness.Cluster, port int) {
+	t.Helper()
+	code, body, err := c.HTTPGet(c.URL(port), faultBound)
+	if err != nil || code != 200 || !strings.Contains(body, "hello from a service that was asleep") {
+		t.Fatalf("GET: %d %q %v\n%s", code, body, err, c.Diagnose(t))
+	}
+}
+
+func nomadCLI(t *testing.T, c *harness.Cluster, args ...string) {
+	t.Helper()
+	if out, err := c.Nomad.CLI(t, args...); err != nil {
+		t.Fatalf("nomad %v: %v\n%s", args, err, out)
+	}
+}
+
+func TestFaultOperatorScalesToZeroWhileAwakeThenAConnectWakesIt(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "1h")
+	nomadCLI(t, c, "job", "scale", "-detach", "http", "http", "0")
+	c.WaitDesired(t, "http", "http", 0, faultBound)
+	getServed(t, c, port)
+	if n := harness.CountScaleTo(c.ScaleEvents(t, "http", "http"), 1); n != 1 {
+		t.Fatalf("%d scale-ups, want the one wake", n)
+	}
+}
+
+func TestFaultKVWipedWhileAsleepThenAConnectWakesIt(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	if _, err := c.Consul.Client(t, "").KV().DeleteTree("zeroscale/", nil); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // the watches see the wipe
+	getServed(t, c, port)
+	// The record is rebuilt from Nomad and the catalog.
+	deadline := time.Now().Add(faultBound)
+	for {
+		pair, _, err := c.Consul.Client(t, "").KV().Get("zeroscale/groups/default/http/http", nil)
+		if err == nil && pair != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the group's record was not rebuilt")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+func TestFaultOperatorScalesUpWhileAsleepAndTheGateOpens(t *testing.T) {
+	metricsAddr := fmt.Sprintf("127.0.0.1:%d", harness.FreePorts(t, 1)[0])
+	c := harness.NewCluster(t, harness.ClusterOptions{PluginConfig: fmt.Sprintf("metrics_address = %q\n", metricsAddr)})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	if v := harness.Metric(t, metricsAddr, "zeroscale_parked_addresses"); v < 1 {
+		t.Fatalf("parked addresses %v while asleep", v)
+	}
+	nomadCLI(t, c, "job", "scale", "-detach", "http", "http", "1")
+	c.WaitHealthy(t, "http", 60*time.Second)
+	deadline := time.Now().Add(faultBound)
+	for harness.Metric(t, metricsAddr, "zeroscale_parked_addresses") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the gate is still parked %s after an operator's scale-up", faultBound)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	getServed(t, c, port)
+}
+
+func TestFaultJobStopOfASleepingJobRefusesFastAndLeavesNothing(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	addr := func(port int) string { return netip.AddrPortFrom(c.Net.HostAddr, uint16(port)).String() }
+	consulAPI := c.Consul.Client(t, "")
+	placeholders := func() int {
+		entries, _, err := consulAPI.Health().Service("http", "zeroscale-asleep", false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(entries)
+	}
+	for _, purge := range []bool{false, true} {
+		port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+		c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+		if placeholders() != 1 {
+			t.Fatal("no placeholder while asleep")
+		}
+		args := []string{"job", "stop", "-detach"}
+		if purge {
+			args = append(args, "-purge")
+		}
+		nomadCLI(t, c, append(args, "http")...)
+		// The operator's intent wins: refused at once, not woken.
+		deadline := time.Now().Add(faultBound)
+		for {
+			out := neverHeld(t, c, addr(port))
+			if out == "refused" && placeholders() == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("purge=%v: connect %s, %d placeholders; want refused and none", purge, out, placeholders())
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		if n := harness.CountScaleTo(c.ScaleEvents(t, "http", "http"), 1); !purge && n != 0 {
+			t.Fatalf("a stopped job was woken %d times", n)
+		}
+	}
+}
+
+func TestFaultMissingInterfaceParksNothingAndTheDriverSaysWhy(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{Interfaces: []string{"zs-missing0", "lo"}})
+	node := c.Nomad.Node(t)
+	attrs := node.Drivers["zeroscale"]
+	if attrs == nil || attrs.Attributes["driver.zeroscale.gate"] != "false" ||
+		!strings.Contains(attrs.Attributes["driver.zeroscale.gate.reason"], "zs-missing0") {
+		t.Fatalf("driver attributes %+v, want gate=false and a reason naming zs-missing0", attrs)
+	}
+	port := c.RunExample(t, "http.nomad.hcl", "http", "3s")
+	time.Sleep(15 * time.Second)
+	st, _, err := c.API.Jobs().ScaleStatus("http", nil)
+	if err != nil || st.TaskGroups["http"].Desired != 1 {
+		t.Fatalf("the group was scaled down although SYNs could not reach a gate: %+v %v", st, err)
+	}
+	var reported bool
+	for _, e := range c.ScaleEvents(t, "http", "http") {
+		reported = reported || e.Error && strings.Contains(e.Message, "zs-missing0")
+	}
+	if !reported {
+		t.Fatal("no error scaling event says why the idle group is not parked")
+	}
+	getServed(t, c, port)
+}
+
+func TestFaultEntryParkedByARemovedPolicyIsRemovedAtStart(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := harness.FreePort(t, c.Net.HostAddr)
+	key := bpf.KeyFrom(netip.AddrPortFrom(c.Net.HostAddr, uint16(port)))
+	pid := pluginPID(t, c)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// While no plugin runs, an entry appears that no policy claims: what a
+	// policy removed while the plugin was down leaves behind.
+	gate, err := bpf.Load(bpf.Options{PinPath: c.Nomad.PinPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := gate.Park(key); err != nil {
+		t.Fatal(err)
+	}
+	gate.Close()
+	if out := connectOutcome(c, key.String()); out != "held" {
+		t.Fatalf("connect %s with the orphan parked, want held (the fault)", out)
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for pluginPIDOrZero(c) == 0 || pluginPIDOrZero(c) == pid {
+		if time.Now().After(deadline) {
+			t.Fatal("Nomad did not restart the plugin")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if out := neverHeld(t, c, key.String()); out != "refused" {
+		t.Fatalf("connect %s, want refused (nothing listens there)", out)
+	}
+}
+
+func TestFaultForeignListenerOnAParkedPortDoesNotOpenTheGate(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	// A process outside Nomad listens on the parked address for a moment.
+	ln, err := net.Listen("tcp", netip.AddrPortFrom(c.Net.HostAddr, uint16(port)).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	ln.Close()
+	time.Sleep(time.Second)
+	getServed(t, c, port)
+	if n := harness.CountScaleTo(c.ScaleEvents(t, "http", "http"), 1); n != 1 {
+		t.Fatalf("%d scale-ups, want the one wake", n)
+	}
+}
+
+func TestManyWakesInARowServeEveryFirstConnection(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "3s")
+	const cycles = 10
+	var latencies []time.Duration
+	for i := 0; i < cycles; i++ {
+		c.WaitDesired(t, "http", "http", 0, 90*time.Second)
+		began := time.Now()
+		// curl from the client namespace: one request, one connection.
+		out, err := inNS(t, c, 40*time.Second, "curl", "-sS", "-m", "30", c.URL(port))
+		if err != nil || !strings.Contains(out, "hello from a service that was asleep") {
+			t.Fatalf("wake %d of %d: %v\n%s\n%s", i+1, cycles, err, out, c.Diagnose(t))
+		}
+		latencies = append(latencies, time.Since(began))
+	}
+	t.Logf("%d consecutive sleep → wake cycles, each first request served: %v", cycles, latencies)
+}
