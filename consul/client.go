@@ -5,11 +5,13 @@
 package consul
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
 	"os"
 	"strings"
+	"time"
 
 	capi "github.com/hashicorp/consul/api"
 	hclog "github.com/hashicorp/go-hclog"
@@ -26,14 +28,24 @@ type Config struct {
 	KeyFile            string
 	TLSServerName      string
 	InsecureSkipVerify bool
+
+	// RequestTimeout bounds every call that Consul should answer at once
+	// (KV reads and writes, registrations, TTL updates, sessions);
+	// DefaultRequestTimeout when zero. Blocking queries are bounded by their
+	// wait time, Consul's jitter and this.
+	RequestTimeout time.Duration
 }
+
+// DefaultRequestTimeout bounds a call to Consul when Config does not say.
+const DefaultRequestTimeout = 10 * time.Second
 
 // Client wraps the Consul API with zeroscale's conventions.
 type Client struct {
-	api    *capi.Client
-	prefix string
-	logger hclog.Logger
-	node   string
+	api     *capi.Client
+	prefix  string
+	logger  hclog.Logger
+	node    string
+	timeout time.Duration // of one call that should answer at once
 }
 
 // New builds a client; it does not contact Consul.
@@ -75,7 +87,26 @@ func New(cfg Config, logger hclog.Logger) (*Client, error) {
 	if logger == nil {
 		logger = hclog.NewNullLogger()
 	}
-	return &Client{api: client, prefix: prefix, logger: logger.Named("consul")}, nil
+	timeout := cfg.RequestTimeout
+	if timeout <= 0 {
+		timeout = DefaultRequestTimeout
+	}
+	return &Client{api: client, prefix: prefix, logger: logger.Named("consul"), timeout: timeout}, nil
+}
+
+// requestContext bounds one call that Consul should answer at once: a hung
+// agent or a dead TCP connection must not stall the caller (the agent's
+// loop, the gate's wakes).
+func (c *Client) requestContext(parent context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(parent, c.timeout)
+}
+
+// blockingContext bounds one blocking query of the given wait. Consul holds
+// it for up to wait plus wait/16 of jitter; a connection silent for one
+// request timeout beyond that is dead, and waiting on would hang the watch
+// forever.
+func (c *Client) blockingContext(parent context.Context, wait time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(parent, wait+wait/16+c.timeout)
 }
 
 // API exposes the underlying client.
@@ -86,12 +117,19 @@ func (c *Client) NodeName() (string, error) {
 	if c.node != "" {
 		return c.node, nil
 	}
-	name, err := c.api.Agent().NodeName()
-	if err != nil {
+	ctx, cancel := c.requestContext(context.Background())
+	defer cancel()
+	// Agent().NodeName takes no options, hence no deadline: read
+	// /v1/agent/self directly.
+	var self struct{ Config struct{ NodeName string } }
+	if _, err := c.api.Raw().Query("/v1/agent/self", &self, (&capi.QueryOptions{}).WithContext(ctx)); err != nil {
 		return "", classify(err, "agent:read", "read the local agent's node name")
 	}
-	c.node = name
-	return name, nil
+	if self.Config.NodeName == "" {
+		return "", errors.New("read the local agent's node name: the agent did not say")
+	}
+	c.node = self.Config.NodeName
+	return c.node, nil
 }
 
 // PermissionError is an ACL denial. It names the permission zeroscale needs,
@@ -114,10 +152,14 @@ func IsPermission(err error) bool {
 	return errors.As(err, &pe)
 }
 
-// classify wraps err, turning a 403 into a PermissionError.
+// classify wraps err, turning a 403 into a PermissionError and naming the
+// action that timed out.
 func classify(err error, needs, action string) error {
 	if err == nil {
 		return nil
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%s: consul did not answer in time: %w", action, err)
 	}
 	var se capi.StatusError
 	if errors.As(err, &se) && se.Code == http.StatusForbidden ||

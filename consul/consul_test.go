@@ -145,7 +145,8 @@ func TestWatchResetsWhenTheIndexGoesBackwards(t *testing.T) {
 			return
 		}
 		w.Header().Set("X-Consul-Index", fmt.Sprint(responses[n]))
-		fmt.Fprint(w, `[{"Node":{"Node":"n1","Address":"10.0.0.1"},"Service":{"ID":"x","Service":"web","Address":"10.0.0.1","Port":80},"Checks":[]}]`)
+		// A different port each time: the watch delivers only changes.
+		fmt.Fprintf(w, `[{"Node":{"Node":"n1","Address":"10.0.0.1"},"Service":{"ID":"x","Service":"web","Address":"10.0.0.1","Port":%d},"Checks":[]}]`, 80+n)
 	}))
 	defer srv.Close()
 	c := newClient(t, srv.URL, "")
@@ -169,6 +170,53 @@ func TestWatchResetsWhenTheIndexGoesBackwards(t *testing.T) {
 	}
 	if calls.Load() != 3 {
 		t.Fatalf("%d updates, want 3", calls.Load())
+	}
+}
+
+// TestWatchDeliversOnlyChanges: Consul answers a blocking query whenever
+// anything under its index changes (for a service without instances, the
+// whole catalog), so a new index alone is not news. This is what made
+// TestWatchSeesInstancesComeAndGo flaky: the agent syncing its node info
+// just before the registration woke the watch with the same empty list.
+func TestWatchDeliversOnlyChanges(t *testing.T) {
+	const none = `[]`
+	const one = `[{"Node":{"Node":"n1","Address":"10.0.0.1"},"Service":{"ID":"x","Service":"web","Address":"10.0.0.1","Port":80},"Checks":[]}]`
+	answers := []struct {
+		index uint64
+		body  string
+	}{{10, none}, {11, none}, {12, one}, {13, one}, {14, one}, {15, none}}
+	var served atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := int(served.Add(1)) - 1
+		if n >= len(answers) {
+			<-r.Context().Done()
+			return
+		}
+		w.Header().Set("X-Consul-Index", fmt.Sprint(answers[n].index))
+		fmt.Fprint(w, answers[n].body)
+	}))
+	defer srv.Close()
+	c := newClient(t, srv.URL, "")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var mu sync.Mutex
+	var sizes []int
+	w := c.NewWatch(ctx, func(_ string, insts []Instance) {
+		mu.Lock()
+		sizes = append(sizes, len(insts))
+		mu.Unlock()
+	}, nil)
+	w.SetServices([]string{"web"})
+	deadline := time.Now().Add(5 * time.Second)
+	for int(served.Load()) <= len(answers) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	w.Stop()
+	mu.Lock()
+	defer mu.Unlock()
+	if fmt.Sprint(sizes) != "[0 1 0]" {
+		t.Fatalf("delivered lists of sizes %v, want [0 1 0]: the first answer, then only changes", sizes)
 	}
 }
 

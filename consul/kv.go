@@ -39,14 +39,18 @@ func (c *Client) PublishActivity(group string, r ActivityReport) error {
 	if err != nil {
 		return fmt.Errorf("encode activity report: %w", err)
 	}
-	_, err = c.api.KV().Put(&capi.KVPair{Key: c.activityKey(group, r.Node), Value: b}, nil)
+	ctx, cancel := c.requestContext(context.Background())
+	defer cancel()
+	_, err = c.api.KV().Put(&capi.KVPair{Key: c.activityKey(group, r.Node), Value: b}, writeOpts(ctx))
 	return classify(err, c.kvNeed(), "publish activity of "+group)
 }
 
 // ReadActivity returns the reports of every node for a group, leaving out
 // those older than maxAge (nodes that died or stopped reporting).
 func (c *Client) ReadActivity(group string, maxAge time.Duration, now time.Time) ([]ActivityReport, error) {
-	pairs, _, err := c.api.KV().List(c.prefix+"/activity/"+group+"/", nil)
+	ctx, cancel := c.requestContext(context.Background())
+	defer cancel()
+	pairs, _, err := c.api.KV().List(c.prefix+"/activity/"+group+"/", queryOpts(ctx))
 	if err != nil {
 		return nil, classify(err, c.kvNeed(), "read activity of "+group)
 	}
@@ -67,7 +71,9 @@ func (c *Client) ReadActivity(group string, maxAge time.Duration, now time.Time)
 
 // DeleteStaleActivity removes reports older than maxAge under the prefix.
 func (c *Client) DeleteStaleActivity(maxAge time.Duration, now time.Time) error {
-	pairs, _, err := c.api.KV().List(c.prefix+"/activity/", nil)
+	ctx, cancel := c.requestContext(context.Background())
+	pairs, _, err := c.api.KV().List(c.prefix+"/activity/", queryOpts(ctx))
+	cancel()
 	if err != nil {
 		return classify(err, c.kvNeed(), "list activity reports")
 	}
@@ -76,11 +82,28 @@ func (c *Client) DeleteStaleActivity(maxAge time.Duration, now time.Time) error 
 		if json.Unmarshal(p.Value, &r) == nil && now.Sub(r.Reported) <= maxAge {
 			continue
 		}
-		if _, err := c.api.KV().Delete(p.Key, nil); err != nil {
+		if err := c.deleteKey(p.Key); err != nil {
 			return classify(err, c.kvNeed(), "delete a stale activity report")
 		}
 	}
 	return nil
+}
+
+// deleteKey deletes one key within the request timeout.
+func (c *Client) deleteKey(key string) error {
+	ctx, cancel := c.requestContext(context.Background())
+	defer cancel()
+	_, err := c.api.KV().Delete(key, writeOpts(ctx))
+	return err
+}
+
+// queryOpts and writeOpts carry ctx's deadline to one request.
+func queryOpts(ctx context.Context) *capi.QueryOptions {
+	return (&capi.QueryOptions{}).WithContext(ctx)
+}
+
+func writeOpts(ctx context.Context) *capi.WriteOptions {
+	return (&capi.WriteOptions{}).WithContext(ctx)
 }
 
 // Phase of a group in its sleep/wake cycle.
@@ -121,7 +144,9 @@ func (c *Client) groupStateKey(group string) string { return c.prefix + "/groups
 
 // GroupState reads a group's record; absent means awake with Index 0.
 func (c *Client) GroupState(group string) (GroupState, error) {
-	p, _, err := c.api.KV().Get(c.groupStateKey(group), &capi.QueryOptions{RequireConsistent: true})
+	ctx, cancel := c.requestContext(context.Background())
+	defer cancel()
+	p, _, err := c.api.KV().Get(c.groupStateKey(group), (&capi.QueryOptions{RequireConsistent: true}).WithContext(ctx))
 	if err != nil {
 		return GroupState{}, classify(err, c.kvNeed(), "read state of "+group)
 	}
@@ -150,7 +175,9 @@ func (c *Client) SwapGroupState(group string, expected GroupState, st GroupState
 	if err != nil {
 		return GroupState{}, fmt.Errorf("encode group state: %w", err)
 	}
-	ok, _, err := c.api.KV().CAS(&capi.KVPair{Key: c.groupStateKey(group), Value: b, ModifyIndex: expected.Index}, nil)
+	ctx, cancel := c.requestContext(context.Background())
+	ok, _, err := c.api.KV().CAS(&capi.KVPair{Key: c.groupStateKey(group), Value: b, ModifyIndex: expected.Index}, writeOpts(ctx))
+	cancel()
 	if err != nil {
 		return GroupState{}, classify(err, c.kvNeed(), "change state of "+group)
 	}
@@ -163,8 +190,7 @@ func (c *Client) SwapGroupState(group string, expected GroupState, st GroupState
 
 // DeleteGroupState forgets a group (its policy went away).
 func (c *Client) DeleteGroupState(group string) error {
-	_, err := c.api.KV().Delete(c.groupStateKey(group), nil)
-	return classify(err, c.kvNeed(), "delete state of "+group)
+	return classify(c.deleteKey(c.groupStateKey(group)), c.kvNeed(), "delete state of "+group)
 }
 
 // WatchGroupStates calls onChange with every group record whenever any
@@ -211,13 +237,18 @@ func (c *Client) WatchActivity(ctx context.Context, onChange func(map[string]map
 	}, onError, "watch activity reports")
 }
 
+// prefixWait is how long one blocking list query of a KV prefix waits.
+const prefixWait = 5 * time.Minute
+
 // watchPrefix runs blocking list queries on a KV prefix.
 func (c *Client) watchPrefix(ctx context.Context, prefix string, onChange func(capi.KVPairs), onError func(error), action string) {
 	var index uint64
 	failures := 0
 	for ctx.Err() == nil {
-		q := (&capi.QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute}).WithContext(ctx)
+		qctx, cancel := c.blockingContext(ctx, prefixWait)
+		q := (&capi.QueryOptions{WaitIndex: index, WaitTime: prefixWait}).WithContext(qctx)
 		pairs, meta, err := c.api.KV().List(prefix, q)
+		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				return

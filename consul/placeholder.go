@@ -98,8 +98,10 @@ func (ps *Placeholders) registration(p Placeholder) *capi.AgentServiceRegistrati
 
 // Register adds the placeholder (or refreshes it); idempotent.
 func (ps *Placeholders) Register(p Placeholder) error {
-	err := ps.client.api.Agent().ServiceRegisterOpts(ps.registration(p), capi.ServiceRegisterOpts{ReplaceExistingChecks: true})
-	if err != nil {
+	ctx, cancel := ps.client.requestContext(context.Background())
+	defer cancel()
+	opts := capi.ServiceRegisterOpts{ReplaceExistingChecks: true}.WithContext(ctx)
+	if err := ps.client.api.Agent().ServiceRegisterOpts(ps.registration(p), opts); err != nil {
 		return classify(err, `service "`+p.Service+`" { policy = "write" }`, "register placeholder for "+p.Service)
 	}
 	ps.mu.Lock()
@@ -113,7 +115,9 @@ func (ps *Placeholders) Deregister(p Placeholder) error {
 	ps.mu.Lock()
 	delete(ps.regs, p.ID())
 	ps.mu.Unlock()
-	err := ps.client.api.Agent().ServiceDeregister(p.ID())
+	ctx, cancel := ps.client.requestContext(context.Background())
+	defer cancel()
+	err := ps.client.api.Agent().ServiceDeregisterOpts(p.ID(), queryOpts(ctx))
 	if err != nil && !isNotFound(err) {
 		return classify(err, `service "`+p.Service+`" { policy = "write" }`, "remove placeholder for "+p.Service)
 	}
@@ -148,8 +152,7 @@ func (ps *Placeholders) Keep(ctx context.Context) {
 		case <-tick.C:
 		}
 		for _, p := range ps.Registered() {
-			err := ps.client.api.Agent().UpdateTTL(p.checkID(), "asleep; a connection wakes it", capi.HealthPassing)
-			if err == nil {
+			if ps.refresh(ctx, p) == nil {
 				continue
 			}
 			if rerr := ps.Register(p); rerr != nil {
@@ -160,10 +163,19 @@ func (ps *Placeholders) Keep(ctx context.Context) {
 	}
 }
 
-// Local lists the placeholders registered on the local agent, by any
+// refresh passes the placeholder's TTL check once, within the request timeout.
+func (ps *Placeholders) refresh(ctx context.Context, p Placeholder) error {
+	ctx, cancel := ps.client.requestContext(ctx)
+	defer cancel()
+	return ps.client.api.Agent().UpdateTTLOpts(p.checkID(), "asleep; a connection wakes it", capi.HealthPassing, queryOpts(ctx))
+}
+
+// LocalPlaceholders lists the placeholders registered on the local agent, by any
 // process: after a plugin restart they say which groups sleep.
 func (c *Client) LocalPlaceholders() ([]Placeholder, error) {
-	services, err := c.api.Agent().ServicesWithFilter(fmt.Sprintf("%q in Tags", PlaceholderTag))
+	ctx, cancel := c.requestContext(context.Background())
+	defer cancel()
+	services, err := c.api.Agent().ServicesWithFilterOpts(fmt.Sprintf("%q in Tags", PlaceholderTag), queryOpts(ctx))
 	if err != nil {
 		return nil, classify(err, `service_prefix "" { policy = "read" }`, "list placeholders")
 	}

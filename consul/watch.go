@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -93,7 +94,8 @@ func instanceFrom(e *capi.ServiceEntry) (Instance, bool) {
 }
 
 // Watch follows the instances of a set of services with blocking queries and
-// calls onChange with each service's full instance list whenever it changes.
+// calls onChange with each service's full instance list: once when it starts
+// following a service, then whenever the list changes.
 type Watch struct {
 	client   *Client
 	onChange func(service string, instances []Instance)
@@ -159,13 +161,23 @@ func (w *Watch) Stop() {
 }
 
 // follow runs blocking queries for one service until ctx ends.
+//
+// A new index does not mean new instances: Consul answers a blocking query
+// when anything its index covers changes, and for a service with no
+// instances that index is the whole catalog's (any node, service or check
+// write, such as the agent syncing its node before a registration). So the
+// watch compares what it read with what it last delivered.
 func (w *Watch) follow(ctx context.Context, name string) {
 	var index uint64
 	var failures int
 	var reportedDenied bool
+	var delivered []Instance
+	var started bool
 	for ctx.Err() == nil {
-		q := (&capi.QueryOptions{WaitIndex: index, WaitTime: w.wait, AllowStale: false}).WithContext(ctx)
+		qctx, cancel := w.client.blockingContext(ctx, w.wait)
+		q := (&capi.QueryOptions{WaitIndex: index, WaitTime: w.wait, AllowStale: false}).WithContext(qctx)
 		entries, meta, err := w.client.api.Health().Service(name, "", false, q)
+		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -203,7 +215,11 @@ func (w *Watch) follow(ctx context.Context, name string) {
 				out = append(out, inst)
 			}
 		}
-		w.onChange(name, out)
+		if started && reflect.DeepEqual(out, delivered) {
+			continue
+		}
+		started, delivered = true, out
+		w.onChange(name, slices.Clone(out)) // the callee may reorder its copy
 	}
 }
 
@@ -232,7 +248,9 @@ func backoff(failures int) time.Duration {
 
 // Instances reads a service's instances once.
 func (c *Client) Instances(service string) ([]Instance, error) {
-	entries, _, err := c.api.Health().Service(service, "", false, nil)
+	ctx, cancel := c.requestContext(context.Background())
+	defer cancel()
+	entries, _, err := c.api.Health().Service(service, "", false, queryOpts(ctx))
 	if err != nil {
 		return nil, classify(err, `service "`+service+`" { policy = "read" }`, "read instances of service "+service)
 	}

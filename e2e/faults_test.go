@@ -6,11 +6,14 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	capi "github.com/hashicorp/consul/api"
 	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
 	"github.com/zeroscale/nomad-driver-zeroscale/e2e/harness"
 )
@@ -76,10 +79,27 @@ func nomadCLI(t *testing.T, c *harness.Cluster, args ...string) {
 	}
 }
 
+// operatorScale runs `nomad job scale` as an operator would, waiting out
+// the job's running deployment (Nomad refuses scaling during one).
+func operatorScale(t *testing.T, c *harness.Cluster, count int) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		out, err := c.Nomad.CLI(t, "job", "scale", "-detach", "http", "http", fmt.Sprint(count))
+		if err == nil {
+			return
+		}
+		if !strings.Contains(out, "active deployment") || time.Now().After(deadline) {
+			t.Fatalf("nomad job scale: %v\n%s", err, out)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
 func TestFaultOperatorScalesToZeroWhileAwakeThenAConnectWakesIt(t *testing.T) {
 	c := harness.NewCluster(t, harness.ClusterOptions{})
 	port := c.RunExample(t, "http.nomad.hcl", "http", "1h")
-	nomadCLI(t, c, "job", "scale", "-detach", "http", "http", "0")
+	operatorScale(t, c, 0)
 	c.WaitDesired(t, "http", "http", 0, faultBound)
 	getServed(t, c, port)
 	if n := harness.CountScaleTo(c.ScaleEvents(t, "http", "http"), 1); n != 1 {
@@ -118,7 +138,7 @@ func TestFaultOperatorScalesUpWhileAsleepAndTheGateOpens(t *testing.T) {
 	if v := harness.Metric(t, metricsAddr, "zeroscale_parked_addresses"); v < 1 {
 		t.Fatalf("parked addresses %v while asleep", v)
 	}
-	nomadCLI(t, c, "job", "scale", "-detach", "http", "http", "1")
+	operatorScale(t, c, 1)
 	c.WaitHealthy(t, "http", 60*time.Second)
 	deadline := time.Now().Add(faultBound)
 	for harness.Metric(t, metricsAddr, "zeroscale_parked_addresses") != 0 {
@@ -164,14 +184,16 @@ func TestFaultJobStopOfASleepingJobRefusesFastAndLeavesNothing(t *testing.T) {
 			}
 			time.Sleep(500 * time.Millisecond)
 		}
-		if n := harness.CountScaleTo(c.ScaleEvents(t, "http", "http"), 1); !purge && n != 0 {
-			t.Fatalf("a stopped job was woken %d times", n)
+		if !purge {
+			if n := harness.CountScaleTo(c.ScaleEvents(t, "http", "http"), 1); n != 0 {
+				t.Fatalf("a stopped job was woken %d times", n)
+			}
 		}
 	}
 }
 
 func TestFaultMissingInterfaceParksNothingAndTheDriverSaysWhy(t *testing.T) {
-	c := harness.NewCluster(t, harness.ClusterOptions{Interfaces: []string{"zs-missing0", "lo"}})
+	c := harness.NewCluster(t, harness.ClusterOptions{Interfaces: []string{"zs-missing0", "lo"}, GateDown: true})
 	node := c.Nomad.Node(t)
 	attrs := node.Drivers["zeroscale"]
 	if attrs == nil || attrs.Attributes["driver.zeroscale.gate"] != "false" ||
@@ -261,4 +283,163 @@ func TestManyWakesInARowServeEveryFirstConnection(t *testing.T) {
 		latencies = append(latencies, time.Since(began))
 	}
 	t.Logf("%d consecutive sleep → wake cycles, each first request served: %v", cycles, latencies)
+}
+
+// waitPhase waits until the group's record in Consul says phase.
+func waitPhase(t *testing.T, c *harness.Cluster, phase string, timeout time.Duration) {
+	t.Helper()
+	kv := c.Consul.Client(t, "").KV()
+	deadline := time.Now().Add(timeout)
+	for {
+		pair, _, err := kv.Get("zeroscale/groups/default/http/http", nil)
+		if err == nil && pair != nil && strings.Contains(string(pair.Value), `"phase":"`+phase+`"`) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the group's record did not reach %s within %s", phase, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestFaultConsulGoesAwayWhileParking(t *testing.T) {
+	proxy := harness.StartFaultProxy(t)
+	c := harness.NewCluster(t, harness.ClusterOptions{ConsulProxy: proxy})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+	waitPhase(t, c, "parking", 60*time.Second)
+	proxy.Cut(harness.Refused)
+	// Served either way: parking undone locally, or (if the commit won the
+	// race) woken without Consul.
+	if out := neverHeld(t, c, netip.AddrPortFrom(c.Net.HostAddr, uint16(port)).String()); out != "served" {
+		t.Fatalf("connect %s with Consul away during parking, want served", out)
+	}
+	getServed(t, c, port)
+}
+
+func TestFaultConsulGoesAwayDuringAWake(t *testing.T) {
+	proxy := harness.StartFaultProxy(t)
+	c := harness.NewCluster(t, harness.ClusterOptions{ConsulProxy: proxy})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	proxy.Cut(harness.Refused)
+	getServed(t, c, port)
+	// Consul comes back: the state the node acted on is written, and the
+	// group sleeps again when idle.
+	proxy.Restore()
+	waitPhase(t, c, "awake", 60*time.Second)
+	c.WaitDesired(t, "http", "http", 0, 90*time.Second)
+	getServed(t, c, port)
+}
+
+func TestFaultNomadUnreachableDuringAWakeIsServedWhenItReturns(t *testing.T) {
+	proxy := harness.StartFaultProxy(t)
+	c := harness.NewCluster(t, harness.ClusterOptions{NomadProxy: proxy})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	proxy.Cut(harness.Held) // calls hang: only their timeouts end them
+	done := make(chan error, 1)
+	go func() {
+		code, body, err := c.HTTPGet(c.URL(port), 90*time.Second)
+		if err == nil && (code != 200 || !strings.Contains(body, "hello from a service that was asleep")) {
+			err = fmt.Errorf("status %d body %q", code, body)
+		}
+		done <- err
+	}()
+	time.Sleep(8 * time.Second)
+	select {
+	case err := <-done:
+		t.Fatalf("answered while Nomad was away: %v", err)
+	default:
+	}
+	proxy.Restore()
+	if err := <-done; err != nil {
+		t.Fatalf("the connect made while Nomad was away: %v\n%s", err, c.Diagnose(t))
+	}
+}
+
+func TestFaultPluginKilledBetweenAsleepAndScaleDownOpens(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "1h")
+	allocs, _, err := c.API.Jobs().Allocations("http", false, nil)
+	if err != nil || len(allocs) != 1 {
+		t.Fatalf("allocations %v %v", allocs, err)
+	}
+	pid := pluginPID(t, c)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// What a crash right after the record said asleep and the gate closed,
+	// before Scale(0), leaves behind.
+	key := bpf.KeyFrom(netip.AddrPortFrom(c.Net.HostAddr, uint16(port)))
+	record := fmt.Sprintf(`{"phase":"asleep","epoch":1,"since":%q,"by":"crashed","addresses":[{"service":"http","addr":%q,"node":%q}],"allocs":[%q],"reason":"idle"}`,
+		time.Now().UTC().Format(time.RFC3339Nano), key.String(), c.Node, allocs[0].ID)
+	if _, err := c.Consul.Client(t, "").KV().Put(&capi.KVPair{Key: "zeroscale/groups/default/http/http", Value: []byte(record)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	gate, err := bpf.Load(bpf.Options{PinPath: c.Nomad.PinPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := gate.Park(key); err != nil {
+		t.Fatal(err)
+	}
+	gate.Close()
+	deadline := time.Now().Add(90 * time.Second)
+	for pluginPIDOrZero(c) == 0 || pluginPIDOrZero(c) == pid {
+		if time.Now().After(deadline) {
+			t.Fatal("Nomad did not restart the plugin")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	// The instance never stopped: the gate must open, not wait for a wake.
+	deadline = time.Now().Add(faultBound)
+	for connectOutcome(c, key.String()) != "served" {
+		if time.Now().After(deadline) {
+			t.Fatalf("the running instance is still behind a closed gate %s after the restart", faultBound)
+		}
+	}
+	waitPhase(t, c, "awake", faultBound)
+	if n := harness.CountScaleTo(c.ScaleEvents(t, "http", "http"), 1); n != 0 {
+		t.Fatalf("%d scale-ups: the group never slept", n)
+	}
+}
+
+func TestFaultJobReRegisteredWhileAsleep(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+	vars := map[string]string{"node": c.Node, "port": fmt.Sprint(port)}
+	addr := netip.AddrPortFrom(c.Net.HostAddr, uint16(port)).String()
+
+	// A changed policy: the new version runs at count 1 and is served.
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	vars["idle_timeout"] = "1h"
+	c.Run(t, harness.Example(t, "http.nomad.hcl"), vars)
+	if out := neverHeld(t, c, addr); out == "held" {
+		t.Fatal("held")
+	}
+	getServed(t, c, port)
+
+	// The policy removed, the job at count 0: no longer gated, refused.
+	src, err := os.ReadFile(harness.Example(t, "http.nomad.hcl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(src)
+	i, j := strings.Index(text, "    scaling {"), strings.Index(text, "    task \"server\"")
+	text = strings.Replace(text[:i]+text[j:], "count = 1", "count = 0", 1)
+	file := filepath.Join(t.TempDir(), "http-no-policy.nomad.hcl")
+	if err := os.WriteFile(file, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	delete(vars, "idle_timeout")
+	vars["idle_timeout"] = "1h" // declared by the file, unused now
+	c.Run(t, file, vars)
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	deadline := time.Now().Add(faultBound)
+	for neverHeld(t, c, addr) != "refused" {
+		if time.Now().After(deadline) {
+			t.Fatal("a group without a policy at count 0 is not refused fast")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }

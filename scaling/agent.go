@@ -48,6 +48,9 @@ type Config struct {
 	// it into task events).
 	OnAwake func(id GroupID, message string)
 
+	// DeploymentPoll: an idle group whose job is deploying is checked again
+	// this often (Nomad refuses scaling during a deployment).
+	DeploymentPoll time.Duration
 	// NomadPollInterval: each group's count is read at least this often.
 	NomadPollInterval time.Duration
 	// RecordRefresh: each group's record is re-read consistently this often.
@@ -105,6 +108,9 @@ func (c *Config) setDefaults() {
 	if c.Spawn == nil {
 		c.Spawn = func(f func()) { go f() }
 	}
+	if c.DeploymentPoll <= 0 {
+		c.DeploymentPoll = 2 * time.Second
+	}
 	if c.NomadPollInterval <= 0 {
 		c.NomadPollInterval = 5 * time.Second
 	}
@@ -148,6 +154,11 @@ type Agent struct {
 	// recentListens are listen events of the last seconds: a woken service
 	// may listen before its new address is registered in Consul.
 	recentListens []listenSeen
+	// unresolved holds the latest instance lists that named an allocation
+	// Nomad could not resolve yet; they are applied again until it can (the
+	// watch sends a list only when it changes).
+	unresolved      map[string][]consul.Instance
+	unresolvedRetry time.Time
 	// kernel is the gate's entries as last read back (and since written).
 	kernel map[bpf.Key]bpf.State
 	// started and policiesRead gate the removal of unowned entries.
@@ -173,6 +184,7 @@ func NewAgent(cfg Config) *Agent {
 		reports:     make(map[string]map[string]consul.ActivityReport),
 		allocGroups: make(map[string]GroupID),
 		kernel:      make(map[bpf.Key]bpf.State),
+		unresolved:  make(map[string][]consul.Instance),
 	}
 	a.node = cfg.Cluster.NodeName()
 	a.started = a.clock.Now()
@@ -243,6 +255,7 @@ func (a *Agent) OnGroupStates(states map[string]consul.GroupState) {
 // OnInstances applies a service's current instances from Consul.
 func (a *Agent) OnInstances(service string, instances []consul.Instance) {
 	byGroup := make(map[GroupID][]consul.Instance)
+	delete(a.unresolved, service)
 	for _, inst := range instances {
 		var id GroupID
 		switch {
@@ -252,6 +265,7 @@ func (a *Agent) OnInstances(service string, instances []consul.Instance) {
 			gid, err := a.allocGroup(inst.AllocID)
 			if err != nil {
 				a.logger.Debug("cannot resolve the allocation of an instance", "service", service, "alloc_id", inst.AllocID, "error", err)
+				a.unresolved[service] = instances
 				continue
 			}
 			id = gid
@@ -308,6 +322,12 @@ func (a *Agent) Tick() {
 	a.refreshLocal(false)
 	a.observeKernel()
 	a.retryPending(now)
+	if len(a.unresolved) > 0 && now.Sub(a.unresolvedRetry) >= a.cfg.NomadPollInterval {
+		a.unresolvedRetry = now
+		for service, insts := range a.unresolved {
+			a.OnInstances(service, insts)
+		}
+	}
 	for len(a.recentListens) > 0 && now.Sub(a.recentListens[0].at) > 30*time.Second {
 		a.recentListens = a.recentListens[1:]
 	}
@@ -335,6 +355,7 @@ func (a *Agent) reconcile(g *group, now time.Time) {
 	if g.policy == nil {
 		return
 	}
+	a.pushUnsynced(g)
 	a.observeRecord(g, now)
 	a.observeNomad(g, now, false)
 	stopped := g.nomad.err == nil && g.nomad.status.Stopped || g.nomad.gone
@@ -353,13 +374,47 @@ func (a *Agent) reconcile(g *group, now time.Time) {
 	}
 	a.logger.Info("repairing the group's record", "group", g.id.String(), "from", g.state.Phase, "to", r.next.Phase, "reason", r.why)
 	a.cfg.Metrics.Repairs.WithLabelValues(string(r.next.Phase)).Inc()
-	if err := a.swap(g, r.next); err != nil && !errors.Is(err, consul.ErrConflict) {
-		// Consul is unreachable: act on the derived state locally (the
-		// record is a cache), and write it once Consul answers again.
-		a.logger.Warn("cannot write the repaired record; acting on it locally", "group", g.id.String(), "error", err)
-		local := r.next
-		local.Index = g.state.Index
-		a.setState(g, local)
+	if err := a.change(g, r.next); err != nil {
+		a.logger.Debug("the group's record changed meanwhile", "group", g.id.String(), "error", err)
+	}
+}
+
+// change moves the group to next with check-and-set. When Consul cannot be
+// reached it acts on next locally all the same (the record is a cache, and
+// the gate must follow what is true now) and writes it once Consul answers.
+// Only a lost race is returned, as consul.ErrConflict.
+func (a *Agent) change(g *group, next consul.GroupState) error {
+	err := a.swap(g, next)
+	if err == nil || errors.Is(err, consul.ErrConflict) {
+		return err
+	}
+	a.logger.Warn("cannot write the group's record; acting on it locally until Consul answers",
+		"group", g.id.String(), "phase", next.Phase, "error", err)
+	local := next
+	local.By = a.node
+	local.Index = g.state.Index
+	a.setState(g, local)
+	g.unsynced = true
+	return nil
+}
+
+// pushUnsynced writes a state this node acted on while Consul was away.
+func (a *Agent) pushUnsynced(g *group) {
+	if !g.unsynced {
+		return
+	}
+	expected := consul.GroupState{Index: g.state.Index}
+	st, err := a.cfg.Cluster.SwapGroupState(g.id.Key(), expected, g.state)
+	switch {
+	case err == nil:
+		g.unsynced = false
+		g.state.Index = st.Index
+	case errors.Is(err, consul.ErrConflict):
+		// Someone wrote meanwhile: theirs is the cluster's view now.
+		g.unsynced = false
+		if cur, rerr := a.cfg.Cluster.GroupState(g.id.Key()); rerr == nil {
+			a.adopt(g, cur)
+		}
 	}
 }
 

@@ -622,3 +622,20 @@ func TestOldListenEventsDoNotWake(t *testing.T) {
 		t.Fatalf("an old listen event woke the group: %s", e.phase())
 	}
 }
+
+func TestIdleDuringADeploymentParksAsSoonAsItEnds(t *testing.T) {
+	e := awakeEnv(t)
+	e.nomad.deploying[web] = true // the wake's own deployment, say
+	e.tick(10*time.Minute + time.Second)
+	e.tick(time.Second)
+	if e.phase() != consul.PhaseAwake || e.gate.state(svcKey) != bpf.StateOpen || len(e.nomad.calls) != 0 {
+		t.Fatalf("during a deployment: phase %s gate %v calls %+v, want awake, open and no refused Scale",
+			e.phase(), e.gate.state(svcKey), e.nomad.calls)
+	}
+	e.nomad.deploying[web] = false
+	e.tick(2 * time.Second)
+	e.tick(time.Second)
+	if e.phase() != consul.PhaseAsleep {
+		t.Fatalf("phase %s 3s after the deployment ended, want asleep (not 30s later)", e.phase())
+	}
+}

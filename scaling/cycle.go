@@ -82,6 +82,14 @@ func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 		g.nextIdleCheck = now.Add(10 * time.Second)
 		return
 	}
+	if active, err := a.cfg.Nomad.DeploymentActive(g.id); err == nil && active {
+		// Nomad would refuse Scale(0) until the deployment ends (after a
+		// wake, that is the wake's own): wait for it with the gate open
+		// rather than close it and be refused.
+		a.logger.Debug("idle, but a deployment runs; parking when it ends", "group", g.id.String())
+		g.nextIdleCheck = now.Add(a.cfg.DeploymentPoll)
+		return
+	}
 	if status.Desired > g.policy.WakeCount {
 		// Above wake_count the Nomad Autoscaler owns the count.
 		a.logger.Debug("idle but scaled above wake_count; left to the autoscaler", "group", g.id.String(), "count", status.Desired)
@@ -180,7 +188,7 @@ func (a *Agent) undoParking(g *group, reason string) {
 	next := g.state
 	next.Phase, next.Reason = consul.PhaseAwake, reason
 	next.Since = a.clock.Now()
-	if err := a.swap(g, next); err != nil {
+	if err := a.change(g, next); err != nil {
 		return
 	}
 	a.cfg.Metrics.ParkingUndone.WithLabelValues(g.id.Namespace, g.id.Job, g.id.Group).Inc()
@@ -205,13 +213,14 @@ func (a *Agent) commitSleep(g *group, now time.Time) {
 		back := g.state
 		back.Phase, back.Since, back.Reason = consul.PhaseAwake, now, "scale-down failed: "+err.Error()
 		awakeAt := g.awakeAt // it never slept: the idle clock goes on
-		if serr := a.swap(g, back); serr != nil {
+		if serr := a.change(g, back); serr != nil {
 			a.logger.Warn("cannot revert a failed scale-down", "group", g.id.String(), "error", serr)
 		}
 		g.awakeAt = awakeAt
 		if IsDeploymentBlock(err) {
-			a.logger.Info("scale-down blocked by an active deployment; will retry", "group", g.id.String())
-			g.nextIdleCheck = now.Add(30 * time.Second)
+			// A deployment started after the check: wait for it to end.
+			a.logger.Info("scale-down blocked by an active deployment; parking when it ends", "group", g.id.String())
+			g.nextIdleCheck = now.Add(a.cfg.DeploymentPoll)
 			return
 		}
 		a.reportOnce(g, "scale-down-"+err.Error(), true, "zeroscale: could not scale to 0: "+err.Error())
@@ -252,42 +261,42 @@ func (a *Agent) onConnect(g *group, ev bpf.Event) {
 			a.onConnect(g, ev)
 		}
 	case consul.PhaseAsleep:
-		next := g.state
-		next.Phase, next.Since, next.FirstSYN = consul.PhaseWaking, now, ev.Time
-		next.Reason = "connect from " + ev.Source.String()
-		wake := &wakeAttempt{firstSYN: ev.Time, firstMono: ev.Mono, from: ev.Source, started: now,
-			deadline: now.Add(g.policy.WakeTimeout)}
-		if a.cfg.DryRun {
-			a.cfg.Metrics.DryRunDecisions.WithLabelValues("wake").Inc()
-			return
-		}
-		err := a.swap(g, next)
-		if errors.Is(err, consul.ErrConflict) && g.recordLost && g.state.Phase == consul.PhaseAsleep {
-			// The record was wiped: this node's copy says asleep; write it
-			// afresh and wake.
-			next.Epoch = g.state.Epoch
-			err = a.swap(g, next)
-		}
-		if errors.Is(err, consul.ErrConflict) {
-			return // another node is waking it
-		}
-		if err != nil {
-			// Consul unreachable: do not lose the wake. Act on it locally;
-			// Nomad's count check keeps concurrent wakers from scaling twice.
-			a.logger.Warn("cannot record the wake in Consul; waking anyway", "group", g.id.String(), "error", err)
-			local := next
-			local.Index = g.state.Index
-			a.setState(g, local)
-		}
-		wake.winner = true
-		g.wake = wake
-		a.logger.Info("waking group", "group", g.id.String(), "from", ev.Source, "wake_count", g.policy.WakeCount)
-		a.tryScaleUp(g, now)
+		a.startWake(g, ev, now, true)
 	case consul.PhaseWaking:
 		if g.wake != nil && g.wake.firstMono == 0 && ev.Mono != 0 {
 			g.wake.firstMono = ev.Mono
 		}
 	}
+}
+
+// startWake records the wake (check-and-set, so one node wins) and scales
+// the group up.
+func (a *Agent) startWake(g *group, ev bpf.Event, now time.Time, mayRetry bool) {
+	next := g.state
+	next.Phase, next.Since, next.FirstSYN = consul.PhaseWaking, now, ev.Time
+	next.Reason = "connect from " + ev.Source.String()
+	if a.cfg.DryRun {
+		a.cfg.Metrics.DryRunDecisions.WithLabelValues("wake").Inc()
+		return
+	}
+	err := a.change(g, next)
+	if errors.Is(err, consul.ErrConflict) {
+		// Another node's wake, or a record wiped or restored from an older
+		// snapshot: re-derive the record from Nomad, and wake if it is
+		// still asleep.
+		if mayRetry {
+			a.observeNomad(g, now, true)
+			a.reconcile(g, now)
+			if g.state.Phase == consul.PhaseAsleep {
+				a.startWake(g, ev, now, false)
+			}
+		}
+		return
+	}
+	g.wake = &wakeAttempt{firstSYN: ev.Time, firstMono: ev.Mono, from: ev.Source, started: now,
+		deadline: now.Add(g.policy.WakeTimeout), winner: true}
+	a.logger.Info("waking group", "group", g.id.String(), "from", ev.Source, "wake_count", g.policy.WakeCount)
+	a.tryScaleUp(g, now)
 }
 
 // tryScaleUp scales the group to wake_count if Nomad still has it at zero.
@@ -378,10 +387,8 @@ func (a *Agent) wakeTimedOut(g *group, now time.Time) {
 		a.logger.Warn("cannot record a scaling event", "group", g.id.String(), "error", err)
 	}
 	g.wake = nil
-	if err := a.swap(g, back); err != nil && !errors.Is(err, consul.ErrConflict) {
-		local := back
-		local.Index = g.state.Index
-		a.setState(g, local)
+	if err := a.change(g, back); err != nil {
+		a.logger.Debug("wake timeout: state changed meanwhile", "group", g.id.String(), "error", err)
 	}
 }
 
@@ -479,8 +486,8 @@ func (a *Agent) markReady(g *group, keys []bpf.Key, how string) {
 	if gateLatency > 0 {
 		next.Reason += " " + gateLatency.Round(time.Millisecond).String() + " after the first SYN"
 	}
-	if err := a.swap(g, next); err != nil && !errors.Is(err, consul.ErrConflict) {
-		a.logger.Warn("cannot record that the group is awake", "group", g.id.String(), "error", err)
+	if err := a.change(g, next); err != nil {
+		a.logger.Debug("the group's record changed meanwhile", "group", g.id.String(), "error", err)
 	}
 	a.logger.Info("group awake", "group", g.id.String(), "ready", how, "gate_open_after", gateLatency.String())
 }

@@ -112,11 +112,12 @@ type fakeNomad struct {
 	calls    []scaleCall
 	// scaleErrs are returned by the next Scale calls that change the count.
 	scaleErrs []error
+	deploying map[GroupID]bool
 }
 
 func newFakeNomad() *fakeNomad {
 	return &fakeNomad{policies: map[string]*api.ScalingPolicy{}, specs: map[GroupID]GroupSpec{},
-		status: map[GroupID]ScaleStatus{}, allocs: map[string]GroupID{}}
+		status: map[GroupID]ScaleStatus{}, allocs: map[string]GroupID{}, deploying: map[GroupID]bool{}}
 }
 
 func (n *fakeNomad) stubs() []PolicyStub {
@@ -174,6 +175,11 @@ func (n *fakeNomad) Scale(id GroupID, count *int, msg string, isErr bool, meta m
 		n.status[id] = st
 	}
 	return nil
+}
+func (n *fakeNomad) DeploymentActive(id GroupID) (bool, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.deploying[id], nil
 }
 func (n *fakeNomad) AllocGroup(alloc string) (GroupID, error) {
 	n.mu.Lock()

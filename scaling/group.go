@@ -33,7 +33,9 @@ type group struct {
 	// restored); state is this node's copy until the reconciler rebuilds it.
 	recordLost   bool
 	recordReadAt time.Time
-	nomad        nomadView
+	// unsynced: this node acted on a state Consul has not stored yet.
+	unsynced bool
+	nomad    nomadView
 	// lastLive are the addresses of the last live instances seen, so a group
 	// scaled to 0 outside zeroscale stays wakeable at them.
 	lastLive []consul.Address
@@ -338,6 +340,9 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 // stale or a deletion; a consistent read tells which.
 func (a *Agent) fromWatch(g *group, st consul.GroupState) {
 	old := g.state
+	if g.unsynced && st.Index <= old.Index {
+		return // this node is ahead; pushUnsynced writes its state
+	}
 	if st.Index == 0 && old.Index > 0 {
 		cur, err := a.cfg.Cluster.GroupState(g.id.Key())
 		if err != nil {
@@ -358,6 +363,9 @@ func (a *Agent) fromWatch(g *group, st consul.GroupState) {
 // record while this node holds one means it was lost: keep acting on this
 // node's copy, and let the reconciler rebuild it from Nomad's count.
 func (a *Agent) adopt(g *group, st consul.GroupState) {
+	if g.unsynced && st.Index != 0 && st.Index <= g.state.Index {
+		return // this node is ahead; pushUnsynced writes its state
+	}
 	if st.Index == 0 {
 		if g.state.Index > 0 || g.recordLost {
 			if !g.recordLost {

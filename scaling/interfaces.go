@@ -63,6 +63,9 @@ type Nomad interface {
 	Scale(id GroupID, count *int, message string, isError bool, meta map[string]any) error
 	// AllocGroup resolves an allocation to its group.
 	AllocGroup(allocID string) (GroupID, error)
+	// DeploymentActive tells whether the job's latest deployment still runs
+	// (Nomad refuses scaling until it ends).
+	DeploymentActive(id GroupID) (bool, error)
 }
 
 // PolicyStub identifies a scaling policy and its version.

@@ -1,6 +1,7 @@
 package scaling
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -12,9 +13,24 @@ import (
 	"github.com/hashicorp/nomad/api"
 )
 
-// NomadAPI implements Nomad over the HTTP API.
+// DefaultNomadRequestTimeout bounds a call to Nomad when NomadAPI does not say.
+const DefaultNomadRequestTimeout = 10 * time.Second
+
+// nomadDefaultWait is how long Nomad holds a blocking query that names no
+// wait time.
+const nomadDefaultWait = 5 * time.Minute
+
+// NomadAPI implements Nomad over the HTTP API. Every call has a deadline, so
+// a hung server or a dead TCP connection cannot stall the agent.
 type NomadAPI struct {
 	client *api.Client
+
+	// RequestTimeout bounds each call Nomad should answer at once (policy,
+	// job and allocation reads, scale status, scale);
+	// DefaultNomadRequestTimeout when zero. Set it before the first call.
+	// The blocking policy list is bounded by its wait, Nomad's jitter and
+	// this.
+	RequestTimeout time.Duration
 
 	mu     sync.Mutex
 	allocs map[string]GroupID // allocations never change group
@@ -40,11 +56,39 @@ func NewNomadAPI(address, token string) (*NomadAPI, error) {
 // Client exposes the API client.
 func (n *NomadAPI) Client() *api.Client { return n.client }
 
+func (n *NomadAPI) requestTimeout() time.Duration {
+	if n.RequestTimeout > 0 {
+		return n.RequestTimeout
+	}
+	return DefaultNomadRequestTimeout
+}
+
+// requestContext bounds one call that Nomad should answer at once.
+func (n *NomadAPI) requestContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), n.requestTimeout())
+}
+
+// nomadFailed wraps err with the action, saying so when Nomad did not answer
+// in time.
+func nomadFailed(err error, action string) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%s: nomad did not answer in time: %w", action, err)
+	}
+	return fmt.Errorf("%s: %w", action, err)
+}
+
 func (n *NomadAPI) Policies(waitIndex uint64, wait time.Duration) ([]PolicyStub, uint64, error) {
+	if waitIndex > 0 && wait <= 0 {
+		wait = nomadDefaultWait // say it, so the deadline below is right
+	}
+	// Nomad holds a blocking query for up to wait plus wait/16 of jitter; a
+	// connection silent for one request timeout beyond that is dead.
+	ctx, cancel := context.WithTimeout(context.Background(), wait+wait/16+n.requestTimeout())
+	defer cancel()
 	q := &api.QueryOptions{Namespace: "*", WaitIndex: waitIndex, WaitTime: wait}
-	stubs, meta, err := n.client.Scaling().ListPolicies(q)
+	stubs, meta, err := n.client.Scaling().ListPolicies(q.WithContext(ctx))
 	if err != nil {
-		return nil, waitIndex, fmt.Errorf("list scaling policies: %w", err)
+		return nil, waitIndex, nomadFailed(err, "list scaling policies")
 	}
 	out := make([]PolicyStub, 0, len(stubs))
 	for _, s := range stubs {
@@ -63,9 +107,11 @@ func (n *NomadAPI) Policies(waitIndex uint64, wait time.Duration) ([]PolicyStub,
 }
 
 func (n *NomadAPI) Policy(id string) (*api.ScalingPolicy, error) {
-	p, _, err := n.client.Scaling().GetPolicy(id, &api.QueryOptions{Namespace: "*"})
+	ctx, cancel := n.requestContext()
+	defer cancel()
+	p, _, err := n.client.Scaling().GetPolicy(id, (&api.QueryOptions{Namespace: "*"}).WithContext(ctx))
 	if err != nil {
-		return nil, fmt.Errorf("read scaling policy %s: %w", id, err)
+		return nil, nomadFailed(err, "read scaling policy "+id)
 	}
 	return p, nil
 }
@@ -93,9 +139,11 @@ func pins(cs []*api.Constraint) bool {
 }
 
 func (n *NomadAPI) Group(id GroupID) (GroupSpec, error) {
-	job, _, err := n.client.Jobs().Info(id.Job, &api.QueryOptions{Namespace: id.Namespace})
+	ctx, cancel := n.requestContext()
+	defer cancel()
+	job, _, err := n.client.Jobs().Info(id.Job, (&api.QueryOptions{Namespace: id.Namespace}).WithContext(ctx))
 	if err != nil {
-		return GroupSpec{}, fmt.Errorf("read job %s: %w", id.Job, err)
+		return GroupSpec{}, nomadFailed(err, "read job "+id.Job)
 	}
 	var tg *api.TaskGroup
 	for _, g := range job.TaskGroups {
@@ -146,20 +194,48 @@ func (n *NomadAPI) Group(id GroupID) (GroupSpec, error) {
 }
 
 func (n *NomadAPI) ScaleStatus(id GroupID) (ScaleStatus, error) {
-	st, _, err := n.client.Jobs().ScaleStatus(id.Job, &api.QueryOptions{Namespace: id.Namespace})
+	ctx, cancel := n.requestContext()
+	defer cancel()
+	st, _, err := n.client.Jobs().ScaleStatus(id.Job, (&api.QueryOptions{Namespace: id.Namespace}).WithContext(ctx))
 	if err != nil {
-		return ScaleStatus{}, fmt.Errorf("read scale status of %s: %w", id, err)
+		return ScaleStatus{}, nomadFailed(err, fmt.Sprintf("read scale status of %s", id))
 	}
 	g, ok := st.TaskGroups[id.Group]
 	if !ok {
-		return ScaleStatus{}, fmt.Errorf("read scale status of %s: no such group", id)
+		return ScaleStatus{}, fmt.Errorf("read scale status of %s: %w", id, ErrGroupGone)
 	}
-	return ScaleStatus{Desired: g.Desired, Running: g.Running}, nil
+	return ScaleStatus{Desired: g.Desired, Running: g.Running, Stopped: st.JobStopped}, nil
+}
+
+// DeploymentActive tells whether the job's latest deployment still runs:
+// Nomad refuses to scale the job until it ends.
+func (n *NomadAPI) DeploymentActive(id GroupID) (bool, error) {
+	ctx, cancel := n.requestContext()
+	defer cancel()
+	d, _, err := n.client.Jobs().LatestDeployment(id.Job, (&api.QueryOptions{Namespace: id.Namespace}).WithContext(ctx))
+	if err != nil {
+		return false, nomadFailed(err, fmt.Sprintf("read the latest deployment of %s", id))
+	}
+	if d == nil {
+		return false, nil
+	}
+	switch d.Status {
+	case api.DeploymentStatusSuccessful, api.DeploymentStatusFailed, api.DeploymentStatusCancelled:
+		return false, nil
+	}
+	return true, nil
 }
 
 func (n *NomadAPI) Scale(id GroupID, count *int, message string, isError bool, meta map[string]any) error {
+	ctx, cancel := n.requestContext()
+	defer cancel()
 	_, _, err := n.client.Jobs().Scale(id.Job, id.Group, count, message, isError, meta,
-		&api.WriteOptions{Namespace: id.Namespace})
+		(&api.WriteOptions{Namespace: id.Namespace}).WithContext(ctx))
+	if errors.Is(err, context.DeadlineExceeded) {
+		// Retryable like any transport error; note that Nomad may still
+		// have applied it.
+		err = fmt.Errorf("nomad did not answer in time: %w", err)
+	}
 	if err != nil {
 		return &ScaleError{Group: id, Err: err}
 	}
@@ -173,9 +249,11 @@ func (n *NomadAPI) AllocGroup(allocID string) (GroupID, error) {
 		return g, nil
 	}
 	n.mu.Unlock()
-	alloc, _, err := n.client.Allocations().Info(allocID, &api.QueryOptions{Namespace: "*"})
+	ctx, cancel := n.requestContext()
+	defer cancel()
+	alloc, _, err := n.client.Allocations().Info(allocID, (&api.QueryOptions{Namespace: "*"}).WithContext(ctx))
 	if err != nil {
-		return GroupID{}, fmt.Errorf("read allocation %s: %w", allocID, err)
+		return GroupID{}, nomadFailed(err, "read allocation "+allocID)
 	}
 	g := GroupID{Namespace: alloc.Namespace, Job: alloc.JobID, Group: alloc.TaskGroup}
 	n.mu.Lock()

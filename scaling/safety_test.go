@@ -300,8 +300,29 @@ func TestConsulDownDuringAWakeStillWakesAndOpens(t *testing.T) {
 		t.Fatalf("gate %v replays %d, want open and replayed", e.gate.state(svcKey), len(e.gate.replays))
 	}
 	e.cluster.failSwaps = nil
-	e.settle()
+	// The watch comes back first, with the record from before the outage.
+	e.agent.OnGroupStates(e.cluster.all())
 	if e.gate.state(svcKey) != bpf.StateOpen {
-		t.Fatalf("gate %v after Consul came back", e.gate.state(svcKey))
+		t.Fatalf("gate %v: the record from before the outage closed it again", e.gate.state(svcKey))
+	}
+	e.settle()
+	if e.gate.state(svcKey) != bpf.StateOpen || e.phase() != consul.PhaseAwake {
+		t.Fatalf("gate %v phase %s after Consul came back, want open and the record written", e.gate.state(svcKey), e.phase())
+	}
+}
+
+func TestInvariant2AConnectRightAfterARestoreStillWakes(t *testing.T) {
+	e := awakeEnv(t)
+	e.sleep()
+	e.nomad.status[web] = ScaleStatus{Desired: 0}
+	e.cluster.kv.mu.Lock()
+	e.cluster.kv.states[web.Key()] = consul.GroupState{Phase: consul.PhaseAwake, Index: 1, Since: e.clock.now.Add(-time.Hour)}
+	e.cluster.kv.mu.Unlock()
+	e.syn(client, bpf.EventWake|bpf.EventCapture)
+	if e.phase() != consul.PhaseWaking {
+		t.Fatalf("phase %s after a connect following a restore, want waking", e.phase())
+	}
+	if changes := e.nomad.countChanges(); len(changes) != 2 || *changes[1].Count != 1 {
+		t.Fatalf("scale calls %+v, want the sleep then one wake", changes)
 	}
 }

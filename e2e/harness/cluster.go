@@ -36,6 +36,12 @@ type ClusterOptions struct {
 	DataDir      string
 	// Interfaces replaces the gated interfaces (default: the veth and lo).
 	Interfaces []string
+	// NomadProxy and ConsulProxy, when set, stand between the plugin and
+	// the agents (the agents' own traffic is unaffected).
+	NomadProxy  *FaultProxy
+	ConsulProxy *FaultProxy
+	// GateDown: the node is expected to report its gate as down.
+	GateDown bool
 }
 
 // NewCluster starts everything; the node's network interface is the veth's
@@ -56,8 +62,19 @@ func NewCluster(t testing.TB, opts ClusterOptions) *Cluster {
 	if !strings.Contains(opts.PluginConfig, "metrics_address") {
 		cfg += "metrics_address = \"\"\n"
 	}
-	nomad := StartNomad(t, NomadOptions{Consul: c, NetworkInterface: n.HostIf, PluginConfig: cfg,
-		DataDir: opts.DataDir, Persistent: opts.Persistent})
+	nopts := NomadOptions{Consul: c, NetworkInterface: n.HostIf, PluginConfig: cfg,
+		DataDir: opts.DataDir, Persistent: opts.Persistent, GateDown: opts.GateDown}
+	if opts.NomadProxy != nil {
+		nopts.PluginNomadAddr = "http://" + opts.NomadProxy.Addr
+	}
+	if opts.ConsulProxy != nil {
+		opts.ConsulProxy.SetTarget(c.HTTPAddr)
+		nopts.PluginConsulAddr = opts.ConsulProxy.Addr
+	}
+	nomad := StartNomad(t, nopts)
+	if opts.NomadProxy != nil {
+		opts.NomadProxy.SetTarget(strings.TrimPrefix(nomad.Addr, "http://"))
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("plugin log:\n%s", Tail(nomad.PluginLog(), 150))

@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"cmp"
 	"fmt"
 	"os"
 	"os/exec"
@@ -60,6 +61,13 @@ type NomadOptions struct {
 	DataDir    string
 	// NoWait skips waiting for a healthy driver (for broken configs).
 	NoWait bool
+	// GateDown waits for a healthy driver that reports the gate as down
+	// and says why (a test of a gate that cannot attach).
+	GateDown bool
+	// PluginNomadAddr and PluginConsulAddr replace the addresses the plugin
+	// uses (a FaultProxy's, say); the agents themselves are unaffected.
+	PluginNomadAddr  string
+	PluginConsulAddr string
 }
 
 // Nomad is a running dev agent with the zeroscale plugin.
@@ -166,7 +174,8 @@ plugin "nomad-driver-zeroscale" {
 %s
   }
 }
-`, mode, dataDir, pluginDir, ports[0], ports[1], ports[2], consulAddr, iface, n.PinPath, n.Addr, consulAddr, opts.PluginConfig)
+`, mode, dataDir, pluginDir, ports[0], ports[1], ports[2], consulAddr, iface, n.PinPath,
+		cmp.Or(opts.PluginNomadAddr, n.Addr), cmp.Or(opts.PluginConsulAddr, consulAddr), opts.PluginConfig)
 	n.cfgPath = filepath.Join(dir, "nomad.hcl")
 	if err := os.WriteFile(n.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
@@ -264,13 +273,25 @@ func (n *Nomad) Client(t testing.TB) *napi.Client {
 func (n *Nomad) WaitForDriver(timeout time.Duration) {
 	n.t.Helper()
 	c := n.Client(n.t)
-	waitFor(n.t, "a ready node with a healthy zeroscale driver and gate", timeout, n.process, func() bool {
+	gate, what := "true", "a ready node with a healthy zeroscale driver and gate"
+	if n.opts.GateDown {
+		gate, what = "false", "a ready node with a healthy zeroscale driver whose gate is down with a reason"
+	}
+	waitFor(n.t, what, timeout, n.process, func() bool {
 		nodes, _, err := c.Nodes().List(nil)
 		if err != nil || len(nodes) == 0 || nodes[0].Status != "ready" {
 			return false
 		}
-		d, ok := nodes[0].Drivers["zeroscale"]
-		return ok && d.Detected && d.Healthy && d.Attributes["driver.zeroscale.gate"] == "true"
+		// The list stub carries the driver attributes only partly; read
+		// the node.
+		node, _, err := c.Nodes().Info(nodes[0].ID, nil)
+		if err != nil {
+			return false
+		}
+		d, ok := node.Drivers["zeroscale"]
+		return ok && d.Detected && d.Healthy && d.Attributes["driver.zeroscale.gate"] == gate &&
+			(gate == "true" || d.Attributes["driver.zeroscale.gate.reason"] != "" &&
+				!strings.Contains(d.Attributes["driver.zeroscale.gate.reason"], "waiting"))
 	})
 }
 

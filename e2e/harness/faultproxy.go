@@ -1,0 +1,139 @@
+package harness
+
+import (
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+)
+
+// FaultProxy stands between the plugin and an agent's HTTP API so a test
+// can take the agent away: Cut resets every open connection (blocking
+// queries included) and answers new ones as the chosen fault does, as an
+// agent that stopped or a partition would; Restore lets traffic through
+// again.
+type FaultProxy struct {
+	Addr string
+	ln   net.Listener
+
+	mu     sync.Mutex
+	target string
+	fault  Fault
+	conns  map[net.Conn]struct{}
+	wg     sync.WaitGroup
+}
+
+// Fault is how a cut proxy treats new connections.
+type Fault int
+
+const (
+	// Up forwards.
+	Up Fault = iota
+	// Refused closes new connections at once (a stopped agent).
+	Refused
+	// Held accepts and never answers (a partition, a hung agent).
+	Held
+)
+
+// StartFaultProxy listens on a free loopback port. Until SetTarget, new
+// connections are refused.
+func StartFaultProxy(t testing.TB) *FaultProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &FaultProxy{Addr: ln.Addr().String(), ln: ln, conns: make(map[net.Conn]struct{}), fault: Refused}
+	p.wg.Add(1)
+	go p.serve()
+	t.Cleanup(p.close)
+	return p
+}
+
+// SetTarget starts forwarding to addr (host:port).
+func (p *FaultProxy) SetTarget(addr string) {
+	p.mu.Lock()
+	p.target, p.fault = addr, Up
+	p.mu.Unlock()
+}
+
+// Cut breaks every open connection and treats new ones with fault.
+func (p *FaultProxy) Cut(fault Fault) {
+	p.mu.Lock()
+	p.fault = fault
+	for c := range p.conns {
+		c.Close()
+		delete(p.conns, c)
+	}
+	p.mu.Unlock()
+}
+
+// Restore forwards again.
+func (p *FaultProxy) Restore() {
+	p.mu.Lock()
+	p.fault = Up
+	p.mu.Unlock()
+}
+
+func (p *FaultProxy) serve() {
+	defer p.wg.Done()
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		fault, target := p.fault, p.target
+		p.mu.Unlock()
+		switch fault {
+		case Refused:
+			c.Close()
+		case Held:
+			p.track(c)
+		default:
+			p.wg.Add(1)
+			go func() {
+				defer p.wg.Done()
+				p.forward(c, target)
+			}()
+		}
+	}
+}
+
+func (p *FaultProxy) track(c net.Conn) {
+	p.mu.Lock()
+	p.conns[c] = struct{}{}
+	p.mu.Unlock()
+}
+
+func (p *FaultProxy) forward(c net.Conn, target string) {
+	up, err := net.DialTimeout("tcp", target, 5*time.Second)
+	if err != nil {
+		c.Close()
+		return
+	}
+	p.track(c)
+	p.track(up)
+	done := make(chan struct{}, 2)
+	pipe := func(dst, src net.Conn) {
+		_, _ = io.Copy(dst, src)
+		dst.Close()
+		src.Close()
+		done <- struct{}{}
+	}
+	go pipe(up, c)
+	go pipe(c, up)
+	<-done
+	<-done
+	p.mu.Lock()
+	delete(p.conns, c)
+	delete(p.conns, up)
+	p.mu.Unlock()
+}
+
+func (p *FaultProxy) close() {
+	p.ln.Close()
+	p.Cut(Refused)
+	p.wg.Wait()
+}
