@@ -293,8 +293,16 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 			live = append(live, inst)
 		}
 	}
+	before := len(g.liveKeys())
 	g.instances[service] = live
 	g.placeholder[service] = asleep
+	if lk := g.liveKeys(); len(lk) < before && g.state.Phase == consul.PhaseAwake && g.policy != nil {
+		// An instance left the catalog while the group is awake: maybe an
+		// operator scaled it to 0. Ask Nomad now rather than at the next
+		// poll, so the address parks before a client finds it refused.
+		a.observeNomad(g, a.clock.Now(), true)
+		defer a.reconcile(g, a.clock.Now())
+	}
 	if lk := g.liveKeys(); len(lk) > 0 {
 		g.lastLive = g.lastLive[:0]
 		for k, inst := range lk {

@@ -8,6 +8,7 @@ package bench
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -20,6 +21,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -60,7 +62,46 @@ func BenchmarkZeroscale(b *testing.B) {
 	xdpCost(b, &t)
 	warmPath(b, &t)
 	wakeLatency(b, &t)
+	wakeCycles(b, &t, 50)
 	t.print()
+}
+
+// wakeCycles drives n consecutive sleep → wake cycles of one group (1 s
+// HTTP check, replay on) and counts how each first connection fared.
+func wakeCycles(b *testing.B, t *table, n int) {
+	c := harness.NewCluster(b, harness.ClusterOptions{})
+	port := c.RunExample(b, "http.nomad.hcl", "http", "3s")
+	target := fmt.Sprintf("%s:%d", c.Net.HostAddr, port)
+	var served, refused, retransmit, failed int
+	var latencies []time.Duration
+	began := time.Now()
+	for i := 0; i < n; i++ {
+		c.WaitDesired(b, "http", "http", 0, 120*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		start := time.Now()
+		conn, err := c.Net.Dial(ctx, "tcp", target)
+		took := time.Since(start)
+		cancel()
+		switch {
+		case err == nil && took >= 900*time.Millisecond:
+			retransmit++ // served by the client's own SYN retransmit, not the replay
+		case err == nil:
+			served++
+		case errors.Is(err, syscall.ECONNREFUSED):
+			refused++
+		default:
+			failed++
+		}
+		if err == nil {
+			conn.Close()
+			latencies = append(latencies, took)
+		}
+		c.WaitDesired(b, "http", "http", 1, 60*time.Second)
+	}
+	t.section(fmt.Sprintf("Many wakes in a row: %d sleep → wake cycles of the http example (1 s HTTP check, replay on), %s in all", n,
+		time.Since(began).Round(time.Second)),
+		fmt.Sprintf("served by replay %d   served by the client's retransmit %d   refused %d   held or failed %d", served, retransmit, refused, failed),
+		fmt.Sprintf("connect p50 %s  p90 %s  max %s", ms(percentile(latencies, 50)), ms(percentile(latencies, 90)), ms(percentile(latencies, 100))))
 }
 
 // ---------------------------------------------------------------- XDP cost
