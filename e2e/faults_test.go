@@ -62,6 +62,20 @@ func neverHeld(t *testing.T, c *harness.Cluster, addr string) string {
 	}
 }
 
+// eventuallyServed asserts that connects are served or refused fast, and
+// that within faultBound one is served.
+func eventuallyServed(t *testing.T, c *harness.Cluster, port int) {
+	t.Helper()
+	addr := netip.AddrPortFrom(c.Net.HostAddr, uint16(port)).String()
+	deadline := time.Now().Add(faultBound)
+	for neverHeld(t, c, addr) != "served" {
+		if time.Now().After(deadline) {
+			t.Fatalf("no connect to %s was served within %s: a group at count 0 that a connect cannot wake\n%s", addr, faultBound, c.Diagnose(t))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 // getServed asserts that a GET from the client namespace is answered by the
 // real service.
 func getServed(t *testing.T, c *harness.Cluster, port int) {
@@ -101,6 +115,9 @@ func TestFaultOperatorScalesToZeroWhileAwakeThenAConnectWakesIt(t *testing.T) {
 	port := c.RunExample(t, "http.nomad.hcl", "http", "1h")
 	operatorScale(t, c, 0)
 	c.WaitDesired(t, "http", "http", 0, faultBound)
+	// A connect in the moment between the task's listener closing and the
+	// gate parking is refused (fast); any connect after that wakes it.
+	eventuallyServed(t, c, port)
 	getServed(t, c, port)
 	if n := harness.CountScaleTo(c.ScaleEvents(t, "http", "http"), 1); n != 1 {
 		t.Fatalf("%d scale-ups, want the one wake", n)

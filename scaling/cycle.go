@@ -317,6 +317,18 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 	if status.Desired > 0 {
 		w.scaled = true
 		w.nextTry = now.Add(2 * time.Second) // keep an eye on it: a racing scale-down may land
+		// The allocation that was parked still runs and passes: the
+		// scale-down never happened (a crash between the record and
+		// Scale(0)), so it is ready now; no new listener will appear.
+		var ready []bpf.Key
+		for k, inst := range g.liveKeys() {
+			if inst.Passing && slices.Contains(g.state.Allocs, inst.AllocID) {
+				ready = append(ready, k)
+			}
+		}
+		if len(ready) > 0 {
+			a.markReady(g, ready, "the scale-down never happened")
+		}
 		return
 	}
 	count := g.policy.WakeCount

@@ -326,3 +326,25 @@ func TestInvariant2AConnectRightAfterARestoreStillWakes(t *testing.T) {
 		t.Fatalf("scale calls %+v, want the sleep then one wake", changes)
 	}
 }
+
+func TestInvariant3AConnectAfterACrashBeforeScaleDownIsServedAtOnce(t *testing.T) {
+	kv := newFakeKV()
+	nomad := standardNomad(defaultBlock())
+	kv.states[web.Key()] = consul.GroupState{Phase: consul.PhaseAsleep, Index: 5, Epoch: 1,
+		Since:     time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC),
+		Addresses: []consul.Address{{Service: "web", Addr: svcAddr, Node: "node-1"}}, Allocs: []string{allocA}}
+	kv.index = 5
+	e := newEnv(t, kv, nomad, "node-1", []string{"10.0.0.5"})
+	e.gate.states[svcKey] = bpf.StateParked
+	e.agent.OnLeader(true)
+	e.agent.OnPolicies(nomad.stubs())
+	e.agent.OnInstances("web", []consul.Instance{instance("web", svcAddr, "node-1", allocA, true)})
+	// A client connects before the record's settle time has passed.
+	e.syn(client, bpf.EventWake|bpf.EventCapture)
+	if e.phase() != consul.PhaseAwake || e.gate.state(svcKey) != bpf.StateOpen || len(e.gate.replays) != 1 {
+		t.Fatalf("phase %s gate %v replays %d, want awake, open and the SYN replayed", e.phase(), e.gate.state(svcKey), len(e.gate.replays))
+	}
+	if n := len(nomad.countChanges()); n != 0 {
+		t.Fatalf("scaled %+v: the group was running all along", nomad.countChanges())
+	}
+}
