@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -13,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	capi "github.com/hashicorp/consul/api"
 	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
 	"github.com/zeroscale/nomad-driver-zeroscale/e2e/harness"
@@ -59,6 +62,30 @@ func neverHeld(t *testing.T, c *harness.Cluster, addr string) string {
 		if time.Now().After(deadline) {
 			t.Fatalf("a connect to %s is still held %s after the fault: a black-holed service\n%s", addr, faultBound, c.Diagnose(t))
 		}
+	}
+}
+
+// waitNoneRunning waits until no allocation of the job runs (Nomad's
+// scale status counts an allocation told to stop as not running while its
+// task may still be serving).
+func waitNoneRunning(t *testing.T, c *harness.Cluster) {
+	t.Helper()
+	deadline := time.Now().Add(faultBound)
+	for {
+		allocs, _, err := c.API.Jobs().Allocations("http", false, nil)
+		running := 0
+		for _, a := range allocs {
+			if a.ClientStatus == "running" {
+				running++
+			}
+		}
+		if err == nil && running == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("allocations still running %s after the scale to 0", faultBound)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
@@ -115,6 +142,7 @@ func TestFaultOperatorScalesToZeroWhileAwakeThenAConnectWakesIt(t *testing.T) {
 	port := c.RunExample(t, "http.nomad.hcl", "http", "1h")
 	operatorScale(t, c, 0)
 	c.WaitDesired(t, "http", "http", 0, faultBound)
+	waitNoneRunning(t, c)
 	// A connect in the moment between the task's listener closing and the
 	// gate parking is refused (fast); any connect after that wakes it.
 	eventuallyServed(t, c, port)
@@ -458,5 +486,91 @@ func TestFaultJobReRegisteredWhileAsleep(t *testing.T) {
 			t.Fatal("a group without a policy at count 0 is not refused fast")
 		}
 		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+func TestFaultScaleDownErrorThatWasAppliedStillSleepsAndWakes(t *testing.T) {
+	proxy := harness.StartFaultProxy(t)
+	c := harness.NewCluster(t, harness.ClusterOptions{NomadProxy: proxy})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+	waitPhase(t, c, "parking", 60*time.Second)
+	proxy.Cut(harness.AnswersLost) // Scale(0) is applied; its answer is lost
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	time.Sleep(2 * time.Second)
+	proxy.Restore()
+	waitPhase(t, c, "asleep", faultBound)
+	eventuallyServed(t, c, port)
+	getServed(t, c, port)
+}
+
+func TestFaultKVRestoredFromAnOlderSnapshotStillWakes(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := c.RunExample(t, "http.nomad.hcl", "http", "4s")
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	getServed(t, c, port)
+	waitPhase(t, c, "awake", faultBound)
+	snap, _, err := c.Consul.Client(t, "").Snapshot().Save(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := io.ReadAll(snap)
+	snap.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
+	waitPhase(t, c, "asleep", faultBound)
+	// The record goes back to "awake" while the group sleeps.
+	if err := c.Consul.Client(t, "").Snapshot().Restore(nil, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	eventuallyServed(t, c, port)
+	getServed(t, c, port)
+}
+
+func TestFaultPinsOfAnOlderLayoutDoNotStrandAParkedAddress(t *testing.T) {
+	c := harness.NewCluster(t, harness.ClusterOptions{})
+	port := harness.FreePort(t, c.Net.HostAddr)
+	key := bpf.KeyFrom(netip.AddrPortFrom(c.Net.HostAddr, uint16(port)))
+	c.Nomad.WhileDown(t, func() {
+		// An address parked by the old version.
+		gate, err := bpf.Load(bpf.Options{PinPath: c.Nomad.PinPath})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := gate.Park(key); err != nil {
+			t.Fatal(err)
+		}
+		gate.Close()
+		// An upgrade changes the layout of a pinned map: the attached
+		// programs keep the old map (with the parked address) while the pin
+		// names one of another layout.
+		path := filepath.Join(c.Nomad.PinPath, "policies")
+		old, err := ebpf.LoadPinnedMap(path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keySize := old.KeySize()
+		old.Close()
+		if err := os.Remove(path); err != nil {
+			t.Fatal(err)
+		}
+		other, err := ebpf.NewMap(&ebpf.MapSpec{Name: "policies", Type: ebpf.Hash, KeySize: keySize, ValueSize: 8, MaxEntries: 16})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := other.Pin(path); err != nil {
+			t.Fatal(err)
+		}
+		other.Close()
+		if out := connectOutcome(c, key.String()); out != "held" {
+			t.Fatalf("connect %s before the upgrade's start, want held (the fault)", out)
+		}
+	})
+	if out := neverHeld(t, c, key.String()); out != "refused" {
+		t.Fatalf("connect %s after the start, want refused (nothing listens, nothing parks)", out)
+	}
+	if !strings.Contains(c.Nomad.PluginLog(), "pinned maps of another zeroscale version were replaced") {
+		t.Fatal("the replacement of the pins was not logged")
 	}
 }

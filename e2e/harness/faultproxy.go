@@ -34,6 +34,10 @@ const (
 	Refused
 	// Held accepts and never answers (a partition, a hung agent).
 	Held
+	// AnswersLost forwards requests, so they take effect, but closes the
+	// connection when the answer starts: the caller sees an error for a
+	// call that was applied.
+	AnswersLost
 )
 
 // StartFaultProxy listens on a free loopback port. Until SetTarget, new
@@ -91,6 +95,12 @@ func (p *FaultProxy) serve() {
 			c.Close()
 		case Held:
 			p.track(c)
+		case AnswersLost:
+			p.wg.Add(1)
+			go func() {
+				defer p.wg.Done()
+				p.forwardLosingAnswers(c, target)
+			}()
 		default:
 			p.wg.Add(1)
 			go func() {
@@ -126,6 +136,25 @@ func (p *FaultProxy) forward(c net.Conn, target string) {
 	go pipe(c, up)
 	<-done
 	<-done
+	p.mu.Lock()
+	delete(p.conns, c)
+	delete(p.conns, up)
+	p.mu.Unlock()
+}
+
+func (p *FaultProxy) forwardLosingAnswers(c net.Conn, target string) {
+	up, err := net.DialTimeout("tcp", target, 5*time.Second)
+	if err != nil {
+		c.Close()
+		return
+	}
+	p.track(c)
+	p.track(up)
+	go func() { _, _ = io.Copy(up, c) }()
+	// Wait for the first byte of the answer, then drop the connection.
+	_, _ = up.Read(make([]byte, 1))
+	c.Close()
+	up.Close()
 	p.mu.Lock()
 	delete(p.conns, c)
 	delete(p.conns, up)

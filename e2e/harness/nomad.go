@@ -218,6 +218,17 @@ func (n *Nomad) Restart(t testing.TB) {
 	n.WaitForDriver(90 * time.Second)
 }
 
+// WhileDown stops the agent (and so the plugin), runs f, and starts the
+// agent again: for faults that must be in place before the plugin starts.
+// A dev agent forgets its jobs; use it before any job runs.
+func (n *Nomad) WhileDown(t testing.TB, f func()) {
+	t.Helper()
+	n.process.stop(30 * time.Second)
+	f()
+	n.start()
+	n.WaitForDriver(90 * time.Second)
+}
+
 // stopAllJobs stops every job and waits for their allocations to end.
 func (n *Nomad) stopAllJobs(timeout time.Duration) {
 	if n.process.exited() {
