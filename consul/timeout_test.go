@@ -3,10 +3,8 @@ package consul
 import (
 	"context"
 	"errors"
-	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -18,32 +16,9 @@ import (
 // process hangs, or a peer whose packets stopped arriving mid-connection.
 func hungConsul(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var held []net.Conn
-	go func() {
-		for {
-			conn, err := l.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, conn)
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		l.Close()
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range held {
-			c.Close()
-		}
-	})
-	return l.Addr().String()
+	p := harness.StartFaultProxy(t)
+	p.Cut(harness.Held)
+	return p.Addr
 }
 
 func TestHungConsulCallsTimeOut(t *testing.T) {

@@ -89,6 +89,32 @@ func waitNoneRunning(t *testing.T, c *harness.Cluster) {
 	}
 }
 
+// parkPinned parks key in the node's pinned gate from outside the plugin,
+// as an earlier plugin process would have left it.
+func parkPinned(t *testing.T, c *harness.Cluster, key bpf.Key) {
+	t.Helper()
+	gate, err := bpf.Load(bpf.Options{PinPath: c.Nomad.PinPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gate.Close()
+	if err := gate.Park(key); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitPluginRestarted waits until Nomad runs a plugin process other than pid.
+func waitPluginRestarted(t *testing.T, c *harness.Cluster, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for p := pluginPIDOrZero(c); p == 0 || p == pid; p = pluginPIDOrZero(c) {
+		if time.Now().After(deadline) {
+			t.Fatal("Nomad did not restart the plugin")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
 // eventuallyServed asserts that connects are served or refused fast, and
 // that within faultBound one is served.
 func eventuallyServed(t *testing.T, c *harness.Cluster, port int) {
@@ -271,24 +297,11 @@ func TestFaultEntryParkedByARemovedPolicyIsRemovedAtStart(t *testing.T) {
 	}
 	// While no plugin runs, an entry appears that no policy claims: what a
 	// policy removed while the plugin was down leaves behind.
-	gate, err := bpf.Load(bpf.Options{PinPath: c.Nomad.PinPath})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := gate.Park(key); err != nil {
-		t.Fatal(err)
-	}
-	gate.Close()
+	parkPinned(t, c, key)
 	if out := connectOutcome(c, key.String()); out != "held" {
 		t.Fatalf("connect %s with the orphan parked, want held (the fault)", out)
 	}
-	deadline := time.Now().Add(90 * time.Second)
-	for pluginPIDOrZero(c) == 0 || pluginPIDOrZero(c) == pid {
-		if time.Now().After(deadline) {
-			t.Fatal("Nomad did not restart the plugin")
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
+	waitPluginRestarted(t, c, pid)
 	if out := neverHeld(t, c, key.String()); out != "refused" {
 		t.Fatalf("connect %s, want refused (nothing listens there)", out)
 	}
@@ -421,23 +434,10 @@ func TestFaultPluginKilledBetweenAsleepAndScaleDownOpens(t *testing.T) {
 	if _, err := c.Consul.Client(t, "").KV().Put(&capi.KVPair{Key: "zeroscale/groups/default/http/http", Value: []byte(record)}, nil); err != nil {
 		t.Fatal(err)
 	}
-	gate, err := bpf.Load(bpf.Options{PinPath: c.Nomad.PinPath})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := gate.Park(key); err != nil {
-		t.Fatal(err)
-	}
-	gate.Close()
-	deadline := time.Now().Add(90 * time.Second)
-	for pluginPIDOrZero(c) == 0 || pluginPIDOrZero(c) == pid {
-		if time.Now().After(deadline) {
-			t.Fatal("Nomad did not restart the plugin")
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
+	parkPinned(t, c, key)
+	waitPluginRestarted(t, c, pid)
 	// The instance never stopped: the gate must open, not wait for a wake.
-	deadline = time.Now().Add(faultBound)
+	deadline := time.Now().Add(faultBound)
 	for connectOutcome(c, key.String()) != "served" {
 		if time.Now().After(deadline) {
 			t.Fatalf("the running instance is still behind a closed gate %s after the restart", faultBound)
@@ -534,14 +534,7 @@ func TestFaultPinsOfAnOlderLayoutDoNotStrandAParkedAddress(t *testing.T) {
 	key := bpf.KeyFrom(netip.AddrPortFrom(c.Net.HostAddr, uint16(port)))
 	c.Nomad.WhileDown(t, func() {
 		// An address parked by the old version.
-		gate, err := bpf.Load(bpf.Options{PinPath: c.Nomad.PinPath})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := gate.Park(key); err != nil {
-			t.Fatal(err)
-		}
-		gate.Close()
+		parkPinned(t, c, key)
 		// An upgrade changes the layout of a pinned map: the attached
 		// programs keep the old map (with the parked address) while the pin
 		// names one of another layout.

@@ -3,43 +3,20 @@ package scaling
 import (
 	"context"
 	"errors"
-	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/zeroscale/nomad-driver-zeroscale/e2e/harness"
 )
 
 // hungNomad accepts TCP connections and never answers: a server whose
 // process hangs, or a peer whose packets stopped arriving mid-connection.
 func hungNomad(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var held []net.Conn
-	go func() {
-		for {
-			conn, err := l.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, conn)
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		l.Close()
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range held {
-			c.Close()
-		}
-	})
-	return "http://" + l.Addr().String()
+	p := harness.StartFaultProxy(t)
+	p.Cut(harness.Held)
+	return "http://" + p.Addr
 }
 
 func TestHungNomadCallsTimeOutAndStayRetryable(t *testing.T) {

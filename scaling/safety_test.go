@@ -24,6 +24,20 @@ func (e *env) settle() {
 	}
 }
 
+// recordedEnv is a node starting with the group's record already in KV (as
+// a crashed process or another node left it): st at address svcAddr, with
+// allocA as the allocation that was running when it parked.
+func recordedEnv(t *testing.T, st consul.GroupState) *env {
+	t.Helper()
+	kv := newFakeKV()
+	st.Index, st.Epoch = 5, 1
+	st.Addresses = []consul.Address{{Service: "web", Addr: svcAddr, Node: "node-1"}}
+	st.Allocs = []string{allocA}
+	kv.states[web.Key()] = st
+	kv.index = 5
+	return newEnv(t, kv, standardNomad(defaultBlock()), "node-1", []string{"10.0.0.5"})
+}
+
 func TestInvariant2OperatorScaleToZeroWhileAwakeLeavesItWakeable(t *testing.T) {
 	e := awakeEnv(t)
 	e.tick(time.Second)
@@ -118,15 +132,11 @@ func TestInvariant2RestoredOlderRecordIsCorrectedFromNomad(t *testing.T) {
 }
 
 func TestInvariant3CrashBetweenAsleepAndScaleDownOpens(t *testing.T) {
-	kv := newFakeKV()
-	nomad := standardNomad(defaultBlock())
 	// The record says asleep, but Scale(0) never happened: the allocation
 	// that was parked still runs and passes its checks.
-	kv.states[web.Key()] = consul.GroupState{Phase: consul.PhaseAsleep, Index: 5, Epoch: 1,
-		Since:     time.Date(2026, 1, 1, 11, 59, 0, 0, time.UTC),
-		Addresses: []consul.Address{{Service: "web", Addr: svcAddr, Node: "node-1"}}, Allocs: []string{allocA}}
-	kv.index = 5
-	e := newEnv(t, kv, nomad, "node-1", []string{"10.0.0.5"})
+	e := recordedEnv(t, consul.GroupState{Phase: consul.PhaseAsleep,
+		Since: time.Date(2026, 1, 1, 11, 59, 0, 0, time.UTC)})
+	nomad := e.nomad
 	e.gate.states[svcKey] = bpf.StateParked // pinned by the process that crashed
 	e.agent.OnLeader(true)
 	e.agent.OnPolicies(nomad.stubs())
@@ -172,14 +182,10 @@ func TestInvariant3WakeTimeoutWithTheCountUpOpensTheGate(t *testing.T) {
 }
 
 func TestInvariant3AbandonedParkingIsUndone(t *testing.T) {
-	kv := newFakeKV()
-	nomad := standardNomad(defaultBlock())
 	// A leader closed the gate and died before scaling down.
-	kv.states[web.Key()] = consul.GroupState{Phase: consul.PhaseParking, Index: 5, Epoch: 1, By: "node-9",
-		Since:     time.Date(2026, 1, 1, 11, 59, 0, 0, time.UTC),
-		Addresses: []consul.Address{{Service: "web", Addr: svcAddr, Node: "node-1"}}, Allocs: []string{allocA}}
-	kv.index = 5
-	e := newEnv(t, kv, nomad, "node-1", []string{"10.0.0.5"})
+	e := recordedEnv(t, consul.GroupState{Phase: consul.PhaseParking, By: "node-9",
+		Since: time.Date(2026, 1, 1, 11, 59, 0, 0, time.UTC)})
+	nomad := e.nomad
 	e.agent.OnPolicies(nomad.stubs()) // not the leader
 	e.agent.OnInstances("web", []consul.Instance{instance("web", svcAddr, "node-1", allocA, true)})
 	e.tick(time.Second)
@@ -328,13 +334,9 @@ func TestInvariant2AConnectRightAfterARestoreStillWakes(t *testing.T) {
 }
 
 func TestInvariant3AConnectAfterACrashBeforeScaleDownIsServedAtOnce(t *testing.T) {
-	kv := newFakeKV()
-	nomad := standardNomad(defaultBlock())
-	kv.states[web.Key()] = consul.GroupState{Phase: consul.PhaseAsleep, Index: 5, Epoch: 1,
-		Since:     time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC),
-		Addresses: []consul.Address{{Service: "web", Addr: svcAddr, Node: "node-1"}}, Allocs: []string{allocA}}
-	kv.index = 5
-	e := newEnv(t, kv, nomad, "node-1", []string{"10.0.0.5"})
+	e := recordedEnv(t, consul.GroupState{Phase: consul.PhaseAsleep,
+		Since: time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)})
+	nomad := e.nomad
 	e.gate.states[svcKey] = bpf.StateParked
 	e.agent.OnLeader(true)
 	e.agent.OnPolicies(nomad.stubs())

@@ -117,14 +117,31 @@ func (p *FaultProxy) track(c net.Conn) {
 	p.mu.Unlock()
 }
 
-func (p *FaultProxy) forward(c net.Conn, target string) {
+// dial connects to target for client c, tracking both so Cut ends them.
+func (p *FaultProxy) dial(c net.Conn, target string) (net.Conn, bool) {
 	up, err := net.DialTimeout("tcp", target, 5*time.Second)
 	if err != nil {
 		c.Close()
-		return
+		return nil, false
 	}
 	p.track(c)
 	p.track(up)
+	return up, true
+}
+
+func (p *FaultProxy) untrack(conns ...net.Conn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range conns {
+		delete(p.conns, c)
+	}
+}
+
+func (p *FaultProxy) forward(c net.Conn, target string) {
+	up, ok := p.dial(c, target)
+	if !ok {
+		return
+	}
 	done := make(chan struct{}, 2)
 	pipe := func(dst, src net.Conn) {
 		_, _ = io.Copy(dst, src)
@@ -136,29 +153,20 @@ func (p *FaultProxy) forward(c net.Conn, target string) {
 	go pipe(c, up)
 	<-done
 	<-done
-	p.mu.Lock()
-	delete(p.conns, c)
-	delete(p.conns, up)
-	p.mu.Unlock()
+	p.untrack(c, up)
 }
 
 func (p *FaultProxy) forwardLosingAnswers(c net.Conn, target string) {
-	up, err := net.DialTimeout("tcp", target, 5*time.Second)
-	if err != nil {
-		c.Close()
+	up, ok := p.dial(c, target)
+	if !ok {
 		return
 	}
-	p.track(c)
-	p.track(up)
 	go func() { _, _ = io.Copy(up, c) }()
 	// Wait for the first byte of the answer, then drop the connection.
 	_, _ = up.Read(make([]byte, 1))
 	c.Close()
 	up.Close()
-	p.mu.Lock()
-	delete(p.conns, c)
-	delete(p.conns, up)
-	p.mu.Unlock()
+	p.untrack(c, up)
 }
 
 func (p *FaultProxy) close() {
