@@ -57,13 +57,6 @@ type group struct {
 	awakeAt     time.Time
 }
 
-type capture struct {
-	source  netip.AddrPort
-	frame   []byte
-	ifindex int
-	at      time.Time
-}
-
 func newGroup(id GroupID, now time.Time) *group {
 	return &group{
 		id:          id,
@@ -340,88 +333,4 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 		}
 	}
 	a.syncGate(g)
-}
-
-// fromWatch applies a record delivered by the KV watch. A watch may deliver
-// a snapshot older than what this node just wrote: KV indexes only grow, so
-// anything below ours is stale. A snapshot without the record is either
-// stale or a deletion; a consistent read tells which.
-func (a *Agent) fromWatch(g *group, st consul.GroupState) {
-	old := g.state
-	if g.unsynced && st.Index <= old.Index {
-		return // this node is ahead; pushUnsynced writes its state
-	}
-	if st.Index == 0 && old.Index > 0 {
-		cur, err := a.cfg.Cluster.GroupState(g.id.Key())
-		if err != nil {
-			a.logger.Debug("cannot confirm a missing group record", "group", g.id.String(), "error", err)
-			return
-		}
-		a.adopt(g, cur)
-		return
-	}
-	if st.Index < old.Index || st.Index == old.Index && st.Phase == old.Phase {
-		return
-	}
-	a.setState(g, st)
-}
-
-// adopt takes a record read consistently from Consul as the cluster's view,
-// even one older than this node's copy (a snapshot restore). An absent
-// record while this node holds one means it was lost: keep acting on this
-// node's copy, and let the reconciler rebuild it from Nomad's count.
-func (a *Agent) adopt(g *group, st consul.GroupState) {
-	if g.unsynced && st.Index != 0 && st.Index <= g.state.Index {
-		return // this node is ahead; pushUnsynced writes its state
-	}
-	if st.Index == 0 {
-		if g.state.Index > 0 || g.recordLost {
-			if !g.recordLost {
-				a.logger.Warn("the group's record is gone from Consul; rebuilding it from Nomad", "group", g.id.String(),
-					"phase", g.state.Phase)
-			}
-			g.state.Index, g.recordLost = 0, true
-			g.nomad.at = time.Time{} // read the count again before deciding
-		}
-		return
-	}
-	g.recordLost = false
-	if st.Index == g.state.Index && st.Phase == g.state.Phase {
-		return
-	}
-	a.setState(g, st)
-}
-
-// setState adopts a group record and acts on the phase change.
-func (a *Agent) setState(g *group, st consul.GroupState) {
-	old := g.state
-	g.state = st
-	if st.Phase == old.Phase && st.Epoch == old.Epoch {
-		return
-	}
-	now := a.clock.Now()
-	a.logger.Debug("group phase", "group", g.id.String(), "from", old.Phase, "to", st.Phase, "by", st.By, "reason", st.Reason)
-	switch st.Phase {
-	case consul.PhaseAwake:
-		if old.Phase == consul.PhaseAsleep || old.Phase == consul.PhaseWaking {
-			g.awakeAt = now // the idle clock starts again from the wake
-		}
-		g.wake = nil
-		g.parkDeadline = time.Time{}
-		a.syncGate(g)
-		a.replayAll(g)
-		clear(g.readyKeys)
-	case consul.PhaseParking, consul.PhaseAsleep:
-		clear(g.readyKeys)
-		a.syncGate(g)
-		a.publishActivity(g, now)
-	case consul.PhaseWaking:
-		if st.By == a.node && g.wake == nil && g.policy != nil {
-			// Our own wake from before a restart: carry on with it.
-			g.wake = &wakeAttempt{firstSYN: st.FirstSYN, started: now, deadline: now.Add(g.policy.WakeTimeout), winner: true}
-		}
-		a.syncGate(g)
-	}
-	a.syncPlaceholders(g, now)
-	a.reindex()
 }
