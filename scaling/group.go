@@ -35,6 +35,7 @@ type group struct {
 	recordReadAt time.Time
 	// unsynced: this node acted on a state Consul has not stored yet.
 	unsynced bool
+	pushedAt time.Time
 	nomad    nomadView
 	// lastLive are the addresses of the last live instances seen, so a group
 	// scaled to 0 outside zeroscale stays wakeable at them.

@@ -115,9 +115,11 @@ func (a *Agent) change(g *group, next consul.GroupState) error {
 
 // pushUnsynced writes a state this node acted on while Consul was away.
 func (a *Agent) pushUnsynced(g *group) {
-	if !g.unsynced {
-		return
+	now := a.clock.Now()
+	if !g.unsynced || now.Sub(g.pushedAt) < a.cfg.NomadPollInterval {
+		return // at most one try per poll interval: Consul may hang each call
 	}
+	g.pushedAt = now
 	expected := consul.GroupState{Index: g.state.Index}
 	st, err := a.cfg.Cluster.SwapGroupState(g.id.Key(), expected, g.state)
 	switch {
