@@ -142,6 +142,20 @@ func (c Config) validate() (settings, error) {
 	if s.ignoreSources, err = prefixes(c.IgnoreSources); err != nil {
 		fail("ignore_sources", "%v", err)
 	}
+	limits, err := bpf.Limits()
+	if err != nil {
+		fail("plugin", "%v", err)
+	}
+	// Lists longer than their kernel maps fail closed: a part of wake_from
+	// applied would wake on too few sources, or on any if none applied.
+	tooLong := func(field string, n, limit int) {
+		if err == nil && n > limit {
+			fail(field, "%d entries; the kernel map holds at most %d", n, limit)
+		}
+	}
+	tooLong("wake_from", len(distinct(s.wakeFrom)), limits.WakeFrom)
+	tooLong("ignore_sources", len(distinct(s.ignoreSources)), limits.IgnoreSources)
+	tooLong("health_check_processes", len(distinct(c.HealthCheckProcesses)), limits.CheckerProcesses)
 	for i, p := range c.HealthCheckProcesses {
 		if p == "" || len(p) > 15 {
 			fail(fmt.Sprintf("health_check_processes[%d]", i), "%q is not a process name (1–15 bytes, as in /proc/PID/comm)", p)
@@ -176,6 +190,19 @@ func (c Config) validate() (settings, error) {
 		fail("consul.cert_file", "cert_file and key_file go together")
 	}
 	return s, errors.Join(errs...)
+}
+
+// distinct drops repeats: the kernel maps hold each entry once.
+func distinct[T comparable](in []T) []T {
+	seen := make(map[T]bool, len(in))
+	var out []T
+	for _, v := range in {
+		if !seen[v] {
+			seen[v] = true
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 // prefixes parses CIDR prefixes; a bare address means just that host.

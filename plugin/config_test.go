@@ -1,6 +1,7 @@
 package plugin
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -100,5 +101,41 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 	c := parse(t, "wake_from = [\"x\"]\nsyn_max_age = \"x\"")
 	if _, err := c.validate(); err == nil || !strings.Contains(err.Error(), "wake_from") || !strings.Contains(err.Error(), "syn_max_age") {
 		t.Fatalf("combined error %v", err)
+	}
+}
+
+func TestListsLongerThanTheirKernelMapsAreRefused(t *testing.T) {
+	limits, err := bpf.Limits()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hosts := func(n int) []string {
+		out := make([]string, n)
+		for i := range out {
+			out[i] = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String()
+		}
+		return out
+	}
+	c := defaults()
+	c.WakeFrom = hosts(limits.WakeFrom)
+	c.IgnoreSources = hosts(limits.IgnoreSources)
+	if _, err := c.validate(); err != nil {
+		t.Fatalf("lists at the limit refused: %v", err)
+	}
+	c.WakeFrom = hosts(limits.WakeFrom + 1)
+	c.IgnoreSources = append(hosts(limits.IgnoreSources), hosts(limits.IgnoreSources)...) // repeats count once
+	_, err = c.validate()
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("wake_from: %d entries; the kernel map holds at most %d", limits.WakeFrom+1, limits.WakeFrom)) {
+		t.Fatalf("error %v, want one naming wake_from and its limit", err)
+	}
+	if strings.Contains(err.Error(), "ignore_sources") {
+		t.Fatalf("repeated entries counted twice: %v", err)
+	}
+	c = defaults()
+	for i := 0; i <= limits.CheckerProcesses; i++ {
+		c.HealthCheckProcesses = append(c.HealthCheckProcesses, fmt.Sprintf("checker%d", i))
+	}
+	if _, err := c.validate(); err == nil || !strings.Contains(err.Error(), "health_check_processes:") {
+		t.Fatalf("error %v, want one naming health_check_processes", err)
 	}
 }
