@@ -225,20 +225,43 @@ func explainLoadError(err error, pinPath string) error {
 	return fmt.Errorf("load BPF programs: %w", err)
 }
 
-// ensureBPFFS mounts a bpffs at dir when none is there, as systemd does.
+// BPFFSRoot is where bpffs lives; pins go only below it.
+const BPFFSRoot = "/sys/fs/bpf"
+
+// ensureBPFFS checks that dir is on a bpffs below BPFFSRoot. It never mounts
+// over a directory that holds anything: only an empty BPFFSRoot itself gets a
+// bpffs mounted, as systemd does at boot.
 func ensureBPFFS(dir string) error {
-	var st unix.Statfs_t
+	dir = filepath.Clean(dir)
+	if dir != BPFFSRoot && !strings.HasPrefix(dir, BPFFSRoot+"/") {
+		return fmt.Errorf("pin path: %s is not below %s", dir, BPFFSRoot)
+	}
+	if isBPFFS(BPFFSRoot) != nil {
+		entries, err := os.ReadDir(BPFFSRoot)
+		if err != nil {
+			return fmt.Errorf("pin path: read %s: %w", BPFFSRoot, err)
+		}
+		if len(entries) > 0 {
+			return fmt.Errorf("pin path: %s is not a bpffs and not empty; mount one there (mount -t bpf bpf %s)", BPFFSRoot, BPFFSRoot)
+		}
+		if err := unix.Mount("bpf", BPFFSRoot, "bpf", 0, "mode=0700"); err != nil {
+			return fmt.Errorf("pin path: mount bpffs at %s: %w", BPFFSRoot, err)
+		}
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
+		return fmt.Errorf("pin path: create %s: %w", dir, err)
 	}
+	return isBPFFS(dir)
+}
+
+// isBPFFS is nil when dir is on a bpffs.
+func isBPFFS(dir string) error {
+	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil {
-		return fmt.Errorf("stat %s: %w", dir, err)
+		return fmt.Errorf("pin path: stat %s: %w", dir, err)
 	}
-	if st.Type == unix.BPF_FS_MAGIC {
-		return nil
-	}
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("mount bpffs at %s: %w", dir, err)
+	if st.Type != unix.BPF_FS_MAGIC {
+		return fmt.Errorf("pin path: %s is not on a bpffs", dir)
 	}
 	return nil
 }

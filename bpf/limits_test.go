@@ -1,6 +1,8 @@
 package bpf
 
-import "testing"
+import (
+	"testing"
+)
 
 func TestLimitsAreTheKernelMapsCapacities(t *testing.T) {
 	l, err := Limits()

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/zeroscale/nomad-driver-zeroscale/internal/testnet"
+	"golang.org/x/sys/unix"
 )
 
 // An earlier version left a "policies" map of another layout pinned, and its
@@ -120,5 +122,21 @@ func TestLoadReplacesPinsOfAnotherLayoutInsteadOfStrandingTheGate(t *testing.T) 
 	}
 	if s, ok, _ := g2.State(k); !ok || s != StateParked {
 		t.Fatalf("state after reload %v %v, want parked", s, ok)
+	}
+}
+
+func TestLoadRefusesAPinPathOutsideBPFFSAndMountsNothing(t *testing.T) {
+	dir := t.TempDir()
+	_, err := Load(Options{PinPath: filepath.Join(dir, "zeroscale")})
+	if err == nil || !strings.Contains(err.Error(), "not below /sys/fs/bpf") {
+		t.Fatalf("load with a pin path under %s: %v, want a refusal", dir, err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type == unix.BPF_FS_MAGIC {
+		_ = unix.Unmount(dir, 0)
+		t.Fatalf("a bpffs was mounted over %s", dir)
 	}
 }

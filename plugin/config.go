@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -166,8 +167,8 @@ func (c Config) validate() (settings, error) {
 			fail("syn_max_age", "%q is not a duration of at least 1s", c.SYNMaxAge)
 		}
 	}
-	if c.BPFPinPath != "" && !strings.HasPrefix(c.BPFPinPath, "/") {
-		fail("bpf_pin_path", "%q must be an absolute path on a bpffs", c.BPFPinPath)
+	if c.BPFPinPath != "" && !strings.HasPrefix(filepath.Clean(c.BPFPinPath), bpf.BPFFSRoot+"/") {
+		fail("bpf_pin_path", "%q must be a directory below %s (a bpffs)", c.BPFPinPath, bpf.BPFFSRoot)
 	}
 	if c.Nomad.Address != "" {
 		if u, err := url.Parse(c.Nomad.Address); err != nil || (u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "unix") || u.Host == "" && u.Scheme != "unix" {
