@@ -381,11 +381,12 @@ func TestFaultConsulGoesAwayDuringAWake(t *testing.T) {
 	c.WaitDesired(t, "http", "http", 0, 60*time.Second)
 	proxy.Cut(harness.Refused)
 	getServed(t, c, port)
-	// Consul comes back: the state the node acted on is written, and the
-	// group sleeps again when idle.
+	// Consul comes back: the node's state is written (awake, or a later
+	// parking that supersedes it), and the group sleeps again when idle.
 	proxy.Restore()
-	waitPhase(t, c, "awake", 60*time.Second)
 	c.WaitDesired(t, "http", "http", 0, 90*time.Second)
+	waitPhase(t, c, "asleep", faultBound)
+	eventuallyServed(t, c, port)
 	getServed(t, c, port)
 }
 

@@ -2,7 +2,6 @@ package scaling
 
 import (
 	"context"
-	"errors"
 	"net/netip"
 	"time"
 
@@ -376,23 +375,4 @@ func (a *Agent) updateGauges() {
 		a.cfg.Metrics.GroupsByPhase.WithLabelValues(string(p)).Set(float64(phases[p]))
 	}
 	a.cfg.Metrics.ParkedAddresses.Set(float64(parked))
-}
-
-// swap changes a group's phase with check-and-set; on a lost race it adopts
-// the winner's state and returns ErrConflict.
-func (a *Agent) swap(g *group, next consul.GroupState) error {
-	next.By = a.node
-	st, err := a.cfg.Cluster.SwapGroupState(g.id.Key(), g.state, next)
-	if err != nil {
-		if errors.Is(err, consul.ErrConflict) {
-			if cur, rerr := a.cfg.Cluster.GroupState(g.id.Key()); rerr == nil {
-				a.adopt(g, cur)
-			}
-			return err
-		}
-		a.cfg.Metrics.Errors.WithLabelValues("consul").Inc()
-		return err
-	}
-	a.setState(g, st)
-	return nil
 }

@@ -134,3 +134,25 @@ func (a *Agent) pushUnsynced(g *group) {
 		}
 	}
 }
+
+// swap changes a group's phase with check-and-set; on a lost race it adopts
+// the winner's state and returns ErrConflict.
+func (a *Agent) swap(g *group, next consul.GroupState) error {
+	next.By = a.node
+	st, err := a.cfg.Cluster.SwapGroupState(g.id.Key(), g.state, next)
+	if err != nil {
+		if errors.Is(err, consul.ErrConflict) {
+			if cur, rerr := a.cfg.Cluster.GroupState(g.id.Key()); rerr == nil {
+				a.adopt(g, cur)
+			}
+			return err
+		}
+		a.cfg.Metrics.Errors.WithLabelValues("consul").Inc()
+		return err
+	}
+	// What is written supersedes anything this node kept while Consul
+	// was away.
+	g.unsynced, g.recordLost = false, false
+	a.setState(g, st)
+	return nil
+}

@@ -350,3 +350,18 @@ func TestInvariant3AConnectAfterACrashBeforeScaleDownIsServedAtOnce(t *testing.T
 		t.Fatalf("scaled %+v: the group was running all along", nomad.countChanges())
 	}
 }
+
+func TestAConnectRacingAJobStopDoesNotWakeIt(t *testing.T) {
+	e := awakeEnv(t)
+	e.sleep()
+	// `nomad job stop`, and a client connects before the next poll.
+	e.nomad.status[web] = ScaleStatus{Desired: 0, Stopped: true}
+	e.syn(client, bpf.EventWake)
+	if n := len(e.nomad.countChanges()); n != 1 {
+		t.Fatalf("a stopped job was woken: %+v", e.nomad.countChanges())
+	}
+	e.tick(time.Second)
+	if _, ok, _ := e.gate.State(svcKey); ok {
+		t.Fatalf("gate %v for a stopped job, want no entry", e.gate.state(svcKey))
+	}
+}

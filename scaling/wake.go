@@ -94,6 +94,13 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 		a.logger.Warn("cannot read the group's count; retrying", "group", g.id.String(), "error", err)
 		return
 	}
+	if status.Stopped {
+		// The operator stopped the job: their intent wins over the connect.
+		w.failed = "the job is stopped"
+		g.stoodDown = true
+		a.logger.Info("connect to a stopped job; not waking it", "group", g.id.String())
+		return
+	}
 	if status.Desired > 0 {
 		w.scaled = true
 		w.nextTry = now.Add(2 * time.Second) // keep an eye on it: a racing scale-down may land
