@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -372,6 +373,27 @@ func Processes(match func(args []string) bool) []int {
 
 // killUnder kills processes whose command line names a path under dirs,
 // with their process groups (nginx's workers name no path).
+// holdingFilesUnder lists processes with an open file below one of dirs.
+func holdingFilesUnder(dirs ...string) []int {
+	var out []int
+	fdDirs, _ := filepath.Glob("/proc/[0-9]*/fd")
+	for _, fdDir := range fdDirs {
+		pid, err := strconv.Atoi(strings.Split(fdDir, "/")[2])
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		fds, _ := os.ReadDir(fdDir)
+		for _, fd := range fds {
+			target, err := os.Readlink(filepath.Join(fdDir, fd.Name()))
+			if err == nil && slices.ContainsFunc(dirs, func(d string) bool { return strings.HasPrefix(target, d+"/") }) {
+				out = append(out, pid)
+				break
+			}
+		}
+	}
+	return out
+}
+
 func killUnder(dirs ...string) {
 	pids := Processes(func(args []string) bool {
 		cmd := strings.Join(args, " ")
@@ -382,6 +404,9 @@ func killUnder(dirs ...string) {
 		}
 		return false
 	})
+	// Helpers like logmon name no directory on their command line but hold
+	// the allocation's log files open.
+	pids = append(pids, holdingFilesUnder(dirs...)...)
 	for _, pid := range pids {
 		if pid == os.Getpid() {
 			continue
