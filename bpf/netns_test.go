@@ -477,16 +477,7 @@ func TestRestartKeepsGatingAndState(t *testing.T) {
 	_ = g.Park(parked)
 	_ = g.SetWakeFrom([]netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")})
 
-	dial := func(timeout time.Duration) error {
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		defer cancel()
-		c, err := n.Dial(ctx, "tcp", target)
-		if err == nil {
-			c.Close()
-		}
-		return err
-	}
-	if err := dial(300 * time.Millisecond); err == nil {
+	if err := dialOnce(n, target, 300*time.Millisecond); err == nil {
 		t.Fatal("parked address accepted a connection")
 	}
 	drainEvents(g, 100*time.Millisecond)
@@ -495,7 +486,7 @@ func TestRestartKeepsGatingAndState(t *testing.T) {
 	if err := g.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := dial(300 * time.Millisecond); err == nil {
+	if err := dialOnce(n, target, 300*time.Millisecond); err == nil {
 		t.Fatal("parked address accepted a connection while the plugin was down")
 	}
 
@@ -520,7 +511,7 @@ func TestRestartKeepsGatingAndState(t *testing.T) {
 	if err := g2.SetWakeFrom([]netip.Prefix{netip.MustParsePrefix("192.168.0.0/16")}); err != nil {
 		t.Fatal(err)
 	}
-	if err := dial(300 * time.Millisecond); err == nil {
+	if err := dialOnce(n, target, 300*time.Millisecond); err == nil {
 		t.Fatal("parked")
 	}
 	if a, _ := g2.Activity(parked); a.Denied == 0 {
@@ -535,7 +526,7 @@ func TestRestartKeepsGatingAndState(t *testing.T) {
 	if err := Uninstall(pin); err != nil {
 		t.Fatal(err)
 	}
-	if err := dial(2 * time.Second); err != nil {
+	if err := dialOnce(n, target, 2*time.Second); err != nil {
 		t.Fatalf("after uninstall the address is still gated: %v", err)
 	}
 	if _, err := os.Stat(pin); !os.IsNotExist(err) {
@@ -685,4 +676,15 @@ func TestActivityNeverReportsANegativeEstablishedCount(t *testing.T) {
 	if c := counter(t, g, "established_clamped"); c != 1 {
 		t.Fatalf("clamp counter %d, want 1", c)
 	}
+}
+
+// dialOnce connects from the namespace to target and closes the connection.
+func dialOnce(n *testnet.Net, target string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	c, err := n.Dial(ctx, "tcp", target)
+	if err == nil {
+		c.Close()
+	}
+	return err
 }

@@ -1,7 +1,6 @@
 package bpf
 
 import (
-	"context"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -70,16 +69,7 @@ func TestLoadReplacesPinsOfAnotherLayoutInsteadOfStrandingTheGate(t *testing.T) 
 
 	target := netip.AddrPortFrom(n.HostAddr, freePort(t, n.HostAddr)).String()
 	echoServer(t, target)
-	dial := func(timeout time.Duration) error {
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		defer cancel()
-		c, err := n.Dial(ctx, "tcp", target)
-		if err == nil {
-			c.Close()
-		}
-		return err
-	}
-	if err := dial(300 * time.Millisecond); err == nil {
+	if err := dialOnce(n, target, 300*time.Millisecond); err == nil {
 		t.Fatal("the old gate let a connection through: the test proves nothing")
 	}
 
@@ -102,7 +92,7 @@ func TestLoadReplacesPinsOfAnotherLayoutInsteadOfStrandingTheGate(t *testing.T) 
 			t.Fatalf("link %s of the old version is still pinned", e.Name())
 		}
 	}
-	if err := dial(2 * time.Second); err != nil {
+	if err := dialOnce(n, target, 2*time.Second); err != nil {
 		t.Fatalf("the old gate still drops: %v", err)
 	}
 
