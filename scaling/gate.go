@@ -69,6 +69,7 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 // against what the kernel holds (read back each pass), not against memory.
 func (a *Agent) syncGate(g *group) {
 	want := a.desiredGate(g)
+	g.wantGate = want
 	for k, s := range want {
 		if owner, ok := a.keyIndex[k]; ok && owner != g.id {
 			continue // another group claims the address; theirs to set

@@ -2,9 +2,9 @@ package scaling
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
-	"sort"
 	"strings"
 	"time"
 
@@ -40,6 +40,8 @@ type group struct {
 	// lastLive are the addresses of the last live instances seen, so a group
 	// scaled to 0 outside zeroscale stays wakeable at them.
 	lastLive []consul.Address
+	// wantGate is the gate state desiredGate gave at the last syncGate.
+	wantGate map[bpf.Key]bpf.State
 	// stoodDown: the job is stopped; the gate and placeholders are released.
 	stoodDown bool
 
@@ -198,12 +200,7 @@ func (a *Agent) Services() []string {
 			set[s] = true
 		}
 	}
-	out := make([]string, 0, len(set))
-	for s := range set {
-		out = append(out, s)
-	}
-	sort.Strings(out)
-	return out
+	return slices.Sorted(maps.Keys(set))
 }
 
 // refreshSpec reads the group's job spec and warns about addresses that

@@ -104,7 +104,7 @@ func (a *Agent) removeOrphans(now time.Time) {
 	}
 	wanted := make(map[bpf.Key]bool)
 	for _, g := range a.groups {
-		for k := range a.desiredGate(g) {
+		for k := range g.wantGate { // as this pass's syncGate computed it
 			wanted[k] = true
 		}
 	}

@@ -1,6 +1,7 @@
 package scaling
 
 import (
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -172,12 +173,7 @@ func nodesOf(addrs []consul.Address, self string) []string {
 	if len(set) == 0 {
 		set[self] = true
 	}
-	out := make([]string, 0, len(set))
-	for n := range set {
-		out = append(out, n)
-	}
-	sort.Strings(out)
-	return out
+	return slices.Sorted(maps.Keys(set))
 }
 
 func (a *Agent) undoParking(g *group, reason string) {
