@@ -43,6 +43,10 @@ type Event struct {
 	// for other kinds and for records from an earlier program version.
 	CgroupID uint64
 	PID      int
+	// Netns is the listener's network namespace (its inode number), for
+	// listen events: the node's own, or an allocation's behind a port
+	// mapping.
+	Netns uint32
 }
 
 // Is reports whether the event has kind k.
@@ -103,6 +107,7 @@ func decodeEvent(raw []byte) (Event, bool) {
 		FrameLen: int(e.FrameLen),
 		CgroupID: e.CgroupId,
 		PID:      int(e.Tgid),
+		Netns:    e.Netns,
 	}
 	if EventKind(e.Kind)&(EventWake|EventCapture) != 0 {
 		ev.Source = netip.AddrPortFrom(netip.AddrFrom16(e.Saddr).Unmap(), ntohs(e.Sport))

@@ -85,6 +85,7 @@ type Gate struct {
 
 	mu       sync.Mutex
 	links    map[string]attachedLink // gate links by interface name
+	watched  map[uint16]bool         // ports watched for listeners beyond the gated ones
 	sockLink link.Link
 
 	replayMu sync.Mutex
@@ -124,6 +125,7 @@ func Load(opts Options) (*Gate, error) {
 		opts:       opts,
 		logger:     logger,
 		links:      make(map[string]attachedLink),
+		watched:    make(map[uint16]bool),
 		events:     make(chan Event, opts.EventBuffer),
 		readerDone: make(chan struct{}),
 	}

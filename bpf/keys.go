@@ -117,7 +117,9 @@ func (g *Gate) Forget(k Key) error {
 	if err != nil {
 		errs = append(errs, err)
 	} else {
-		used := false
+		g.mu.Lock()
+		used := g.watched[k.Port]
+		g.mu.Unlock()
 		for other := range keys {
 			used = used || other.Port == k.Port
 		}

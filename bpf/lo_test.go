@@ -43,9 +43,9 @@ func TestReplayOverLoopback(t *testing.T) {
 		}
 		echoServer(t, target)
 		_ = g.Open(k)
-		res, err := g.Replay(ev.Frame, ev.Ifindex)
+		res, err := g.Replay(ev.Frame, ev.Ifindex, nil)
 		for err == nil && res == ReplayNoListener {
-			res, err = g.Replay(ev.Frame, ev.Ifindex)
+			res, err = g.Replay(ev.Frame, ev.Ifindex, nil)
 		}
 		took := <-done
 		t.Logf("%s: replay %v %v, connect took %v", host, res, err, took)

@@ -366,13 +366,22 @@ func testCgroup(t *testing.T, name string) string {
 }
 
 func TestHealthChecksAreNotActivity(t *testing.T) {
+	t.Run("IPv4", func(t *testing.T) { testHealthChecksAreNotActivity(t, false) })
+	t.Run("IPv6", func(t *testing.T) { testHealthChecksAreNotActivity(t, true) })
+}
+
+func testHealthChecksAreNotActivity(t *testing.T, ipv6 bool) {
 	n := testnet.New(t)
 	g := loadGate(t, Options{})
 	attach(t, g, n.HostIf)
-	port := freePort(t, n.HostAddr)
-	target := netip.AddrPortFrom(n.HostAddr, port).String()
+	host, peer := n.HostAddr, n.PeerAddr
+	if ipv6 {
+		host, peer = n.HostAddr6, n.PeerAddr6
+	}
+	port := freePort(t, host)
+	target := netip.AddrPortFrom(host, port).String()
 	echoServer(t, target)
-	k := Key{n.HostAddr, port}
+	k := Key{host, port}
 	_ = g.Open(k)
 	if err := g.SetCheckerComms([]string{"consul", "nomad"}); err != nil {
 		t.Fatal(err)
@@ -410,7 +419,7 @@ func TestHealthChecksAreNotActivity(t *testing.T) {
 	}
 
 	// A peer in ignore_sources is a check too.
-	if err := g.SetIgnoreSources([]netip.Prefix{netip.PrefixFrom(n.PeerAddr, 32)}); err != nil {
+	if err := g.SetIgnoreSources([]netip.Prefix{netip.PrefixFrom(peer, peer.BitLen())}); err != nil {
 		t.Fatal(err)
 	}
 	c, err := n.Dial(context.Background(), "tcp", target)

@@ -55,14 +55,20 @@ type xdpMd struct {
 
 // Replay re-injects a captured SYN frame as if it had just arrived on
 // ifindex. Checksums are recomputed first: frames captured on veth or lo
-// carry only a partial TCP checksum.
-func (g *Gate) Replay(frame []byte, ifindex int) (ReplayResult, error) {
+// carry only a partial TCP checksum. via, when set, is where the listener
+// sits behind a port mapping; the frame still enters at the node address and
+// the stack's NAT takes it there.
+func (g *Gate) Replay(frame []byte, ifindex int, via *ReplayTarget) (ReplayResult, error) {
 	fixed, err := FixChecksums(frame)
 	if err != nil {
 		return ReplayUnparseable, err
 	}
 	g.replayMu.Lock()
 	defer g.replayMu.Unlock()
+	target := via.bpf()
+	if err := g.objs.ReplayTargets.Put(uint32(0), &target); err != nil {
+		return 0, fmt.Errorf("set the replay target: %w", err)
+	}
 	_, err = g.objs.ZsReplay.Run(&ebpf.RunOptions{
 		Data:    fixed,
 		Context: xdpMd{DataEnd: uint32(len(fixed)), IngressIfindex: uint32(ifindex)},

@@ -65,10 +65,10 @@ func wakeScenario(t *testing.T, addr func(*testnet.Net) netip.Addr, replay bool)
 		if g.SYNPassed(k, captured.Source) {
 			t.Fatal("the client's SYN already passed; nothing to replay")
 		}
-		res, err := g.Replay(captured.Frame, captured.Ifindex)
+		res, err := g.Replay(captured.Frame, captured.Ifindex, nil)
 		for err == nil && res == ReplayNoListener {
 			time.Sleep(5 * time.Millisecond)
-			res, err = g.Replay(captured.Frame, captured.Ifindex)
+			res, err = g.Replay(captured.Frame, captured.Ifindex, nil)
 		}
 		if err != nil || res != ReplayPassed {
 			t.Fatalf("replay: %v %v", res, err)
@@ -146,7 +146,7 @@ func TestReplayAfterRetransmitIsRecognised(t *testing.T) {
 	if !g.SYNPassed(k, captured.Source) {
 		t.Fatal("the retransmitted SYN was not marked as passed")
 	}
-	res, err := g.Replay(captured.Frame, captured.Ifindex)
+	res, err := g.Replay(captured.Frame, captured.Ifindex, nil)
 	if err != nil || res != ReplayConnected {
 		t.Fatalf("replay of an already connected flow: %v %v, want %v", res, err, ReplayConnected)
 	}
@@ -156,10 +156,10 @@ func TestReplayRefusesGarbage(t *testing.T) {
 	g := loadGate(t, Options{})
 	ack := syn(client4, server4, 1, 2)
 	ack.flags = flagACK
-	if res, err := g.Replay(ack.bytes(), 1); err != nil || res != ReplayUnparseable {
+	if res, err := g.Replay(ack.bytes(), 1, nil); err != nil || res != ReplayUnparseable {
 		t.Fatalf("replay of an ACK: %v %v", res, err)
 	}
-	if _, err := g.Replay([]byte("short"), 1); err == nil {
+	if _, err := g.Replay([]byte("short"), 1, nil); err == nil {
 		t.Fatal("replay of 5 bytes succeeded")
 	}
 }

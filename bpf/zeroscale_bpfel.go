@@ -13,6 +13,14 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type zeroscaleCheckerPeer struct {
+	_     structs.HostLayout
+	Netns uint32
+	Port  uint16
+	Pad   uint16
+	Addr  [16]uint8
+}
+
 type zeroscaleEvent struct {
 	_        structs.HostLayout
 	Kind     uint32
@@ -27,7 +35,7 @@ type zeroscaleEvent struct {
 	Frame    [128]uint8
 	CgroupId uint64
 	Tgid     uint32
-	Pad2     uint32
+	Netns    uint32
 }
 
 type zeroscaleFlowKey struct {
@@ -82,6 +90,22 @@ type zeroscaleLpmKey struct {
 	Addr      [16]uint8
 }
 
+type zeroscaleNsPort struct {
+	_     structs.HostLayout
+	Netns uint32
+	Port  uint16
+	Pad   uint16
+}
+
+type zeroscaleReplayTarget struct {
+	_       structs.HostLayout
+	NetnsId int32
+	Set     uint32
+	Addr    [16]uint8
+	Port    uint16
+	Pad     uint16
+}
+
 type zeroscaleSockActivity struct {
 	_            structs.HostLayout
 	Established  int64
@@ -106,7 +130,7 @@ type zeroscaleSynFlow struct {
 const (
 	zeroscaleMapActivity      = "activity"
 	zeroscaleMapCheckerComms  = "checker_comms"
-	zeroscaleMapCheckerFlows  = "checker_flows"
+	zeroscaleMapCheckerPeers  = "checker_peers"
 	zeroscaleMapCheckerSocks  = "checker_socks"
 	zeroscaleMapConfig        = "config"
 	zeroscaleMapCountedSocks  = "counted_socks"
@@ -114,8 +138,10 @@ const (
 	zeroscaleMapEvents        = "events"
 	zeroscaleMapIgnoreSources = "ignore_sources"
 	zeroscaleMapListenPorts   = "listen_ports"
+	zeroscaleMapNsPorts       = "ns_ports"
 	zeroscaleMapPolicies      = "policies"
 	zeroscaleMapReplayResult  = "replay_result"
+	zeroscaleMapReplayTargets = "replay_targets"
 	zeroscaleMapStats         = "stats"
 	zeroscaleMapSynFlows      = "syn_flows"
 	zeroscaleMapWakeFrom      = "wake_from"
@@ -180,7 +206,7 @@ type zeroscaleProgramSpecs struct {
 type zeroscaleMapSpecs struct {
 	Activity      *ebpf.MapSpec `ebpf:"activity"`
 	CheckerComms  *ebpf.MapSpec `ebpf:"checker_comms"`
-	CheckerFlows  *ebpf.MapSpec `ebpf:"checker_flows"`
+	CheckerPeers  *ebpf.MapSpec `ebpf:"checker_peers"`
 	CheckerSocks  *ebpf.MapSpec `ebpf:"checker_socks"`
 	Config        *ebpf.MapSpec `ebpf:"config"`
 	CountedSocks  *ebpf.MapSpec `ebpf:"counted_socks"`
@@ -188,8 +214,10 @@ type zeroscaleMapSpecs struct {
 	Events        *ebpf.MapSpec `ebpf:"events"`
 	IgnoreSources *ebpf.MapSpec `ebpf:"ignore_sources"`
 	ListenPorts   *ebpf.MapSpec `ebpf:"listen_ports"`
+	NsPorts       *ebpf.MapSpec `ebpf:"ns_ports"`
 	Policies      *ebpf.MapSpec `ebpf:"policies"`
 	ReplayResult  *ebpf.MapSpec `ebpf:"replay_result"`
+	ReplayTargets *ebpf.MapSpec `ebpf:"replay_targets"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
 	SynFlows      *ebpf.MapSpec `ebpf:"syn_flows"`
 	WakeFrom      *ebpf.MapSpec `ebpf:"wake_from"`
@@ -224,7 +252,7 @@ func (o *zeroscaleObjects) Close() error {
 type zeroscaleMaps struct {
 	Activity      *ebpf.Map `ebpf:"activity"`
 	CheckerComms  *ebpf.Map `ebpf:"checker_comms"`
-	CheckerFlows  *ebpf.Map `ebpf:"checker_flows"`
+	CheckerPeers  *ebpf.Map `ebpf:"checker_peers"`
 	CheckerSocks  *ebpf.Map `ebpf:"checker_socks"`
 	Config        *ebpf.Map `ebpf:"config"`
 	CountedSocks  *ebpf.Map `ebpf:"counted_socks"`
@@ -232,8 +260,10 @@ type zeroscaleMaps struct {
 	Events        *ebpf.Map `ebpf:"events"`
 	IgnoreSources *ebpf.Map `ebpf:"ignore_sources"`
 	ListenPorts   *ebpf.Map `ebpf:"listen_ports"`
+	NsPorts       *ebpf.Map `ebpf:"ns_ports"`
 	Policies      *ebpf.Map `ebpf:"policies"`
 	ReplayResult  *ebpf.Map `ebpf:"replay_result"`
+	ReplayTargets *ebpf.Map `ebpf:"replay_targets"`
 	Stats         *ebpf.Map `ebpf:"stats"`
 	SynFlows      *ebpf.Map `ebpf:"syn_flows"`
 	WakeFrom      *ebpf.Map `ebpf:"wake_from"`
@@ -243,7 +273,7 @@ func (m *zeroscaleMaps) Close() error {
 	return _ZeroscaleClose(
 		m.Activity,
 		m.CheckerComms,
-		m.CheckerFlows,
+		m.CheckerPeers,
 		m.CheckerSocks,
 		m.Config,
 		m.CountedSocks,
@@ -251,8 +281,10 @@ func (m *zeroscaleMaps) Close() error {
 		m.Events,
 		m.IgnoreSources,
 		m.ListenPorts,
+		m.NsPorts,
 		m.Policies,
 		m.ReplayResult,
+		m.ReplayTargets,
 		m.Stats,
 		m.SynFlows,
 		m.WakeFrom,

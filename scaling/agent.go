@@ -67,6 +67,9 @@ type Config struct {
 	// ListenerAlloc resolves the process of a listen event to its Nomad
 	// allocation; nil: every listener counts (tests of pure logic).
 	ListenerAlloc func(ev bpf.Event) (allocID string, ok bool)
+	// Namespaces finds allocations' own network namespaces; nil: every
+	// service is taken to live in the node's namespace.
+	Namespaces Namespaces
 }
 
 func (c *Config) setDefaults() {

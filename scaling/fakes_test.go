@@ -28,10 +28,15 @@ type fakeGate struct {
 	passed   map[netip.AddrPort]bool
 	// replayResults are returned in order, then ReplayPassed.
 	replayResults []bpf.ReplayResult
+	// replayVia is the target of each replay, in order.
+	replayVia []*bpf.ReplayTarget
+	mapped    map[bpf.NsPort]bpf.Key
+	watched   map[uint16]bool
 }
 
 func newFakeGate() *fakeGate {
-	return &fakeGate{states: map[bpf.Key]bpf.State{}, activity: map[bpf.Key]bpf.Activity{}, passed: map[netip.AddrPort]bool{}}
+	return &fakeGate{states: map[bpf.Key]bpf.State{}, activity: map[bpf.Key]bpf.Activity{}, passed: map[netip.AddrPort]bool{},
+		mapped: map[bpf.NsPort]bpf.Key{}, watched: map[uint16]bool{}}
 }
 
 func (g *fakeGate) set(k bpf.Key, s bpf.State) error {
@@ -65,10 +70,11 @@ func (g *fakeGate) setActivity(k bpf.Key, a bpf.Activity) {
 	defer g.mu.Unlock()
 	g.activity[k] = a
 }
-func (g *fakeGate) Replay(frame []byte, _ int) (bpf.ReplayResult, error) {
+func (g *fakeGate) Replay(frame []byte, _ int, via *bpf.ReplayTarget) (bpf.ReplayResult, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.replays = append(g.replays, frame)
+	g.replayVia = append(g.replayVia, via)
 	if len(g.replayResults) > 0 {
 		r := g.replayResults[0]
 		g.replayResults = g.replayResults[1:]
@@ -89,6 +95,33 @@ func (g *fakeGate) Keys() (map[bpf.Key]bpf.State, error) {
 		out[k] = s
 	}
 	return out, nil
+}
+func (g *fakeGate) MapPort(p bpf.NsPort, k bpf.Key) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.mapped[p] = k
+	return nil
+}
+func (g *fakeGate) UnmapPort(p bpf.NsPort) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	delete(g.mapped, p)
+	return nil
+}
+func (g *fakeGate) MappedPorts() (map[bpf.NsPort]bpf.Key, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	out := make(map[bpf.NsPort]bpf.Key, len(g.mapped))
+	for p, k := range g.mapped {
+		out[p] = k
+	}
+	return out, nil
+}
+func (g *fakeGate) WatchListenPort(port uint16) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.watched[port] = true
+	return nil
 }
 func (g *fakeGate) state(k bpf.Key) bpf.State {
 	s, _, _ := g.State(k)

@@ -58,6 +58,10 @@ type group struct {
 	captures    map[bpf.Key][]capture
 	registered  map[string]consul.Placeholder // placeholders this node keeps
 	awakeAt     time.Time
+	// netns: allocations with their own network namespace, by id;
+	// netnsLooked: when each was last looked for.
+	netns       map[string]*allocNetns
+	netnsLooked map[string]time.Time
 }
 
 func newGroup(id GroupID, now time.Time) *group {
@@ -72,6 +76,8 @@ func newGroup(id GroupID, now time.Time) *group {
 		readyKeys:   make(map[bpf.Key]bool),
 		captures:    make(map[bpf.Key][]capture),
 		registered:  make(map[string]consul.Placeholder),
+		netns:       make(map[string]*allocNetns),
+		netnsLooked: make(map[string]time.Time),
 	}
 }
 

@@ -17,11 +17,37 @@ type Gate interface {
 	Forget(bpf.Key) error
 	State(bpf.Key) (bpf.State, bool, error)
 	Activity(bpf.Key) (bpf.Activity, error)
-	Replay(frame []byte, ifindex int) (bpf.ReplayResult, error)
+	Replay(frame []byte, ifindex int, via *bpf.ReplayTarget) (bpf.ReplayResult, error)
 	SYNPassed(bpf.Key, netip.AddrPort) bool
 	// Keys reads back every entry in the kernel: the reconciler diffs
 	// against this, never against what it believes it wrote.
 	Keys() (map[bpf.Key]bpf.State, error)
+	// MapPort, UnmapPort and MappedPorts: sockets on a port inside an
+	// allocation's network namespace count as a service address's.
+	MapPort(bpf.NsPort, bpf.Key) error
+	UnmapPort(bpf.NsPort) error
+	MappedPorts() (map[bpf.NsPort]bpf.Key, error)
+	WatchListenPort(port uint16) error
+}
+
+// Namespaces finds the network namespaces allocations run in, when they
+// have their own (docker, Nomad bridge mode); implemented by internal/netns.
+type Namespaces interface {
+	// Host is the node's own namespace (inode number).
+	Host() uint32
+	// OfProcess is the namespace of a process, named for socket lookups.
+	OfProcess(pid int) (Netns, error)
+	// OfAlloc finds the namespace of an allocation's processes; ok is false
+	// when they share the node's namespace or none runs.
+	OfAlloc(allocID string) (ns Netns, ok bool, err error)
+}
+
+// Netns is an allocation's network namespace: its inode number (what the
+// socket programs report) and its id in the node's namespace (what a socket
+// lookup from the node takes).
+type Netns struct {
+	Inode uint32
+	ID    int32
 }
 
 // ScaleStatus is what Nomad says about a group's count.
@@ -38,7 +64,10 @@ type GroupSpec struct {
 	Services []ServiceSpec
 	// Pinned: a constraint keeps the group on one node, so it comes back at
 	// the same address.
-	Pinned      bool
+	Pinned bool
+	// OwnNetwork: the group's tasks have their own network namespace
+	// (bridge mode, or a container driver), reached through port mappings.
+	OwnNetwork  bool
 	JobVersion  uint64
 	JobModified uint64
 }
@@ -49,6 +78,10 @@ type ServiceSpec struct {
 	PortLabel  string
 	StaticPort int    // 0 when the port is dynamic
 	Provider   string // "consul" or "nomad"
+	// MappedPort is the port's `to`: where the service listens inside its
+	// allocation's own network namespace (docker, bridge mode); 0 when it
+	// listens on the node port itself.
+	MappedPort int
 }
 
 // Nomad is the Nomad API as the agent uses it.

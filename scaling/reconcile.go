@@ -39,8 +39,10 @@ func (a *Agent) Tick() {
 		a.expireCaptures(g, now)
 		a.syncGate(g)
 		a.syncPlaceholders(g, now)
+		a.findNetns(g, now)
 	}
 	a.removeOrphans(now)
+	a.syncMappedPorts()
 	a.updateGauges()
 }
 

@@ -71,16 +71,16 @@ func (a *Agent) replayAll(g *group) {
 // replayKeys re-injects the captured SYNs of keys off the loop, then records
 // the wake's latencies in a scaling event when gateLatency is known.
 func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) {
-	var batch []struct {
+	type replayItem struct {
 		key bpf.Key
 		c   capture
+		via *bpf.ReplayTarget
 	}
+	var batch []replayItem
 	for _, k := range keys {
+		via := a.replayTarget(g, k)
 		for _, c := range g.captures[k] {
-			batch = append(batch, struct {
-				key bpf.Key
-				c   capture
-			}{k, c})
+			batch = append(batch, replayItem{k, c, via})
 		}
 		delete(g.captures, k)
 	}
@@ -103,7 +103,7 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 				counts["already_connected"]++
 				continue
 			}
-			result := a.replayOne(item.c)
+			result := a.replayOne(item.c, item.via)
 			counts[result]++
 			if result == "passed" && accepted == 0 {
 				accepted = bpf.MonotonicNow()
@@ -142,11 +142,12 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 }
 
 // replayOne re-injects one SYN, retrying briefly while the listener is
-// being set up (the listen event fires just before it is hashed).
-func (a *Agent) replayOne(c capture) string {
+// being set up (the listen event fires just before it is hashed). via names
+// the listener's namespace behind a port mapping.
+func (a *Agent) replayOne(c capture, via *bpf.ReplayTarget) string {
 	deadline := time.Now().Add(time.Second)
 	for {
-		res, err := a.cfg.Gate.Replay(c.frame, c.ifindex)
+		res, err := a.cfg.Gate.Replay(c.frame, c.ifindex, via)
 		switch {
 		case err != nil:
 			if errors.Is(err, bpf.ErrReplayUnsupported) {

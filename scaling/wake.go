@@ -201,9 +201,27 @@ func (a *Agent) onListen(ev bpf.Event) {
 		seen.alloc, _ = a.cfg.ListenerAlloc(ev)
 	}
 	a.recentListens = append(a.recentListens, seen)
+	a.netnsListener(seen)
 	for _, g := range a.groups {
 		a.checkListening(g, []listenSeen{seen})
 	}
+}
+
+// inNodeNetns tells a listener in the node's own namespace (or from a
+// program version that did not say).
+func (a *Agent) inNodeNetns(ev bpf.Event) bool {
+	return ev.Netns == 0 || a.cfg.Namespaces == nil || ev.Netns == a.cfg.Namespaces.Host()
+}
+
+// listensFor tells whether a listener serves the address k of g: at k
+// itself (or a wildcard of its family) in the node's namespace, or at k's
+// mapped port in an allocation's own namespace.
+func (a *Agent) listensFor(g *group, k bpf.Key, ev bpf.Event) bool {
+	if !a.inNodeNetns(ev) {
+		return ev.Key.Port == g.mappedPort(k)
+	}
+	la := ev.Key.Addr
+	return k.Port == ev.Key.Port && (la == k.Addr || la.IsUnspecified() && (la.Is6() || k.Addr.Is4()))
 }
 
 type listenSeen struct {
@@ -238,8 +256,7 @@ func (a *Agent) checkListening(g *group, evs []listenSeen) {
 			continue
 		}
 		for _, l := range evs {
-			la := l.ev.Key.Addr
-			if k.Port == l.ev.Key.Port && (la == k.Addr || la.IsUnspecified() && (la.Is6() || k.Addr.Is4())) && a.ownListener(g, l) {
+			if a.listensFor(g, k, l.ev) && a.ownListener(g, l) {
 				ready = append(ready, k)
 				break
 			}

@@ -145,7 +145,34 @@ struct event {
 	// earlier, shorter layout still decode (with these fields zero).
 	__u64 cgroup_id; // cgroup v2 id: the inode of the cgroup's directory
 	__u32 tgid;      // process id, as the initial pid namespace sees it
-	__u32 pad2;
+	__u32 netns;     // the listener's network namespace (its inode number)
+};
+
+// A port inside an allocation's own network namespace (docker, Nomad bridge
+// mode), reached from the node through a port mapping.
+struct ns_port {
+	__u32 netns;
+	__be16 port;
+	__u16 pad;
+};
+
+// A health checker's end of a connection: its namespace and source address.
+// Port mappings rewrite the destination, never this end.
+struct checker_peer {
+	__u32 netns;
+	__be16 port;
+	__u16 pad;
+	__u8 addr[16];
+};
+
+// Where zs_replay looks for the listener when the service lives behind a
+// port mapping in another namespace.
+struct replay_target {
+	__s32 netns_id; // the namespace's id as the gated interface's namespace knows it
+	__u32 set;
+	__u8 addr[16]; // the listener's address, unspecified for a wildcard listener
+	__be16 port;
+	__u16 pad;
 };
 
 // Referenced so that bpf2go emits a Go type for ring buffer records.
@@ -256,14 +283,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } checker_socks SEC(".maps");
 
-// Connections made by checker processes, keyed as the server sees them.
+// Connections made by checker processes, keyed by the checker's end.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
-	__type(key, struct flow_key);
+	__type(key, struct checker_peer);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} checker_flows SEC(".maps");
+} checker_peers SEC(".maps");
+
+// Ports in allocations' namespaces, and the service address on the node that
+// maps to each: sockets there count as that address's activity.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct ns_port);
+	__type(value, struct gate_key);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ns_ports SEC(".maps");
 
 // Server sockets counted in `activity`, so each is uncounted exactly once.
 struct {
@@ -310,6 +347,13 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } replay_result SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct replay_target);
+} replay_targets SEC(".maps");
 
 static __always_inline void count(__u32 idx)
 {
@@ -563,7 +607,7 @@ static __always_inline void emit_event(const struct frame *f, __u32 kind, const 
 	// Ring buffer space is not zeroed, and XDP runs in no process's context.
 	ev->cgroup_id = 0;
 	ev->tgid = 0;
-	ev->pad2 = 0;
+	ev->netns = 0;
 	bpf_ringbuf_submit(ev, 0);
 }
 
@@ -989,23 +1033,37 @@ int zs_replay(struct xdp_md *ctx)
 		return XDP_DROP;
 	}
 
+	// Behind a port mapping the listener sits in the allocation's namespace
+	// at the mapped port; the frame itself still goes to the node address,
+	// where the stack's NAT takes it there.
+	__u8 *daddr = p.key.addr;
+	__be16 dport = p.key.port;
+	__u64 netns = BPF_F_CURRENT_NETNS;
+	__u32 zero = 0;
+	struct replay_target *target = bpf_map_lookup_elem(&replay_targets, &zero);
+	if (target && target->set) {
+		daddr = target->addr;
+		dport = target->port;
+		netns = (__u64)(__u32)target->netns_id;
+	}
+
 	struct bpf_sock_tuple tuple = {};
 	__u32 size;
 	if (p.is_v6) {
 		__builtin_memcpy(tuple.ipv6.saddr, p.saddr, 16);
-		__builtin_memcpy(tuple.ipv6.daddr, p.key.addr, 16);
+		__builtin_memcpy(tuple.ipv6.daddr, daddr, 16);
 		tuple.ipv6.sport = p.sport;
-		tuple.ipv6.dport = p.key.port;
+		tuple.ipv6.dport = dport;
 		size = sizeof(tuple.ipv6);
 	} else {
 		__builtin_memcpy(&tuple.ipv4.saddr, p.saddr + 12, 4);
-		__builtin_memcpy(&tuple.ipv4.daddr, p.key.addr + 12, 4);
+		__builtin_memcpy(&tuple.ipv4.daddr, daddr + 12, 4);
 		tuple.ipv4.sport = p.sport;
-		tuple.ipv4.dport = p.key.port;
+		tuple.ipv4.dport = dport;
 		size = sizeof(tuple.ipv4);
 	}
 
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(ctx, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(ctx, &tuple, size, netns, 0);
 	if (!sk) {
 		count(C_REPLAY_NO_LISTENER);
 		set_replay_result(REPLAY_NO_LISTENER);
@@ -1036,15 +1094,35 @@ static __always_inline void local_key(struct gate_key *k, const struct sock *sk,
 	k->proto = IPPROTO_TCP;
 }
 
+// remote_addr writes the peer's 16-byte address. (BPF_CORE_READ_INTO would
+// copy sizeof(*addr), one byte, through this pointer.)
 static __always_inline void remote_addr(__u8 *addr, const struct sock *sk, __u16 family)
 {
 	if (family == AF_INET6)
-		BPF_CORE_READ_INTO(addr, sk, __sk_common.skc_v6_daddr);
+		bpf_core_read(addr, 16, &sk->__sk_common.skc_v6_daddr);
 	else
 		map_v4(addr, sk->__sk_common.skc_daddr);
 }
 
-static __always_inline void listen_event(const struct sock *sk, __u16 family)
+// service_key names the service address a socket belongs to: its own local
+// address in the node's namespace, or the node address that maps to its
+// port in an allocation's namespace. It returns 0 for anything else.
+static __always_inline int service_key(struct gate_key *k, const struct sock *sk, __u16 family, __u32 netns,
+				       __u32 host_netns)
+{
+	if (!host_netns || netns == host_netns) {
+		local_key(k, sk, family);
+		return 1;
+	}
+	struct ns_port np = {.netns = netns, .port = bpf_htons(sk->__sk_common.skc_num)};
+	struct gate_key *mapped = bpf_map_lookup_elem(&ns_ports, &np);
+	if (!mapped)
+		return 0;
+	*k = *mapped;
+	return 1;
+}
+
+static __always_inline void listen_event(const struct sock *sk, __u16 family, __u32 netns)
 {
 	__u16 port = sk->__sk_common.skc_num;
 	if (!bpf_map_lookup_elem(&listen_ports, &port))
@@ -1063,39 +1141,49 @@ static __always_inline void listen_event(const struct sock *sk, __u16 family)
 	// for the woken allocation's listener.
 	ev->cgroup_id = bpf_get_current_cgroup_id();
 	ev->tgid = bpf_get_current_pid_tgid() >> 32;
+	ev->netns = netns;
 	bpf_ringbuf_submit(ev, 0);
 	count(C_LISTEN_EVENTS);
 }
 
 // A connection is a health check when a checker process (the local Consul or
-// Nomad agent) opened it, or its peer is in ignore_sources.
-static __always_inline int is_check(const struct gate_key *k, const struct sock *sk, __u16 family)
+// Nomad agent) opened it, or its peer is in ignore_sources. The checker's end
+// is looked up in the server's namespace (a checker there, or on the node
+// itself) and then in the node's: a check through a port mapping arrives
+// from the node with its source address and port as they were.
+static __always_inline int is_check(const struct sock *sk, __u16 family, __u32 netns, __u32 host_netns)
 {
 	struct lpm_key lk = {.prefixlen = 128};
 	remote_addr(lk.addr, sk, family);
 	if (bpf_map_lookup_elem(&ignore_sources, &lk))
 		return 1;
 
-	struct flow_key fk = {};
-	fk.dst = *k;
-	__builtin_memcpy(fk.saddr, lk.addr, 16);
-	fk.sport = sk->__sk_common.skc_dport;
-	if (bpf_map_lookup_elem(&checker_flows, &fk)) {
-		bpf_map_delete_elem(&checker_flows, &fk);
+	struct checker_peer cp = {.netns = netns, .port = sk->__sk_common.skc_dport};
+	__builtin_memcpy(cp.addr, lk.addr, 16);
+	if (bpf_map_lookup_elem(&checker_peers, &cp)) {
+		bpf_map_delete_elem(&checker_peers, &cp);
+		return 1;
+	}
+	if (!host_netns || netns == host_netns)
+		return 0;
+	cp.netns = host_netns;
+	if (bpf_map_lookup_elem(&checker_peers, &cp)) {
+		bpf_map_delete_elem(&checker_peers, &cp);
 		return 1;
 	}
 	return 0;
 }
 
-static __always_inline void passive_established(const struct sock *sk, __u16 family)
+static __always_inline void passive_established(const struct sock *sk, __u16 family, __u32 netns, __u32 host_netns)
 {
 	struct gate_key k;
-	local_key(&k, sk, family);
+	if (!service_key(&k, sk, family, netns, host_netns))
+		return;
 	struct sock_activity *a = bpf_map_lookup_elem(&activity, &k);
 	if (!a)
 		return;
 	__u64 now = bpf_ktime_get_ns();
-	if (is_check(&k, sk, family)) {
+	if (is_check(sk, family, netns, host_netns)) {
 		__sync_fetch_and_add(&a->checks, 1);
 		a->last_check_ns = now;
 		count(C_CHECK_CONNS);
@@ -1144,24 +1232,20 @@ static __always_inline void active_open(struct sock *sk)
 	bpf_map_update_elem(&checker_socks, &skp, &one, BPF_ANY);
 }
 
-static __always_inline void active_established(struct sock *sk, __u16 family)
+static __always_inline void active_established(struct sock *sk, __u16 family, __u32 netns)
 {
 	__u64 skp = (__u64)sk;
 	if (!bpf_map_lookup_elem(&checker_socks, &skp))
 		return;
 	bpf_map_delete_elem(&checker_socks, &skp);
 
-	struct flow_key fk = {};
-	remote_addr(fk.dst.addr, sk, family);
-	fk.dst.port = sk->__sk_common.skc_dport;
-	fk.dst.proto = IPPROTO_TCP;
+	struct checker_peer cp = {.netns = netns, .port = bpf_htons(sk->__sk_common.skc_num)};
 	if (family == AF_INET6)
-		BPF_CORE_READ_INTO(&fk.saddr, sk, __sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(cp.addr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
 	else
-		map_v4(fk.saddr, sk->__sk_common.skc_rcv_saddr);
-	fk.sport = bpf_htons(sk->__sk_common.skc_num);
+		map_v4(cp.addr, sk->__sk_common.skc_rcv_saddr);
 	__u64 now = bpf_ktime_get_ns();
-	bpf_map_update_elem(&checker_flows, &fk, &now, BPF_ANY);
+	bpf_map_update_elem(&checker_peers, &cp, &now, BPF_ANY);
 }
 
 SEC("tp_btf/inet_sock_set_state")
@@ -1172,25 +1256,27 @@ int BPF_PROG(zs_sock_state, struct sock *sk, int oldstate, int newstate)
 	struct gate_config *cfg = get_config();
 	if (!cfg)
 		return 0;
-	if (cfg->netns_inum && sk->__sk_common.skc_net.net->ns.inum != cfg->netns_inum)
-		return 0;
+	// Every namespace: services behind a port mapping live in their
+	// allocation's own, and checks may run there too.
+	__u32 netns = sk->__sk_common.skc_net.net->ns.inum;
+	__u32 host_netns = cfg->netns_inum;
 	__u16 family = sk->__sk_common.skc_family;
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
 
 	if (newstate == ST_LISTEN) {
-		listen_event(sk, family);
+		listen_event(sk, family, netns);
 	} else if (oldstate == ST_CLOSE && newstate == ST_SYN_SENT) {
 		active_open(sk);
 	} else if (oldstate == ST_SYN_SENT) {
 		if (newstate == ST_ESTABLISHED)
-			active_established(sk, family);
+			active_established(sk, family, netns);
 		else {
 			__u64 skp = (__u64)sk;
 			bpf_map_delete_elem(&checker_socks, &skp);
 		}
 	} else if (newstate == ST_ESTABLISHED) {
-		passive_established(sk, family);
+		passive_established(sk, family, netns, host_netns);
 	} else if (oldstate == ST_ESTABLISHED) {
 		left_established(sk);
 	}

@@ -63,8 +63,11 @@ func create(t testing.TB, ipv6 bool) *Net {
 		PeerAddr6: netip.MustParseAddr(fmt.Sprintf("fd00:201:%x::2", idx)),
 		index:     idx,
 	}
-	t.Cleanup(func() { n.destroy() })
-	n.destroy() // leftovers of a crashed run
+	t.Cleanup(func() {
+		n.teardown()
+		_ = os.Remove(filepath.Join(claimDir, strconv.Itoa(n.index)))
+	})
+	n.teardown() // leftovers of a crashed run; the claim stays ours
 	// Each step is a command line; "ip" unless it says otherwise.
 	steps := [][]string{
 		{"ip", "netns", "add", n.Name},
@@ -117,10 +120,9 @@ func (n *Net) waitUp(t testing.TB) {
 	}
 }
 
-func (n *Net) destroy() {
+func (n *Net) teardown() {
 	_ = exec.Command("ip", "link", "del", n.HostIf).Run()
 	_ = exec.Command("ip", "netns", "del", n.Name).Run()
-	_ = os.Remove(filepath.Join(claimDir, strconv.Itoa(n.index)))
 }
 
 // HostIfindex is the ifindex of the host end.
