@@ -148,6 +148,17 @@ func TestPortMappedService(t *testing.T) {
 	if a.Opened != 1 {
 		t.Fatalf("a health check through the port mapping counted as activity: %+v", a)
 	}
+	// A checker inside the allocation's namespace (as Nomad runs checks of
+	// bridge-mode groups) over its loopback.
+	cmd = exec.Command("nsenter", "--net=/var/run/netns/"+ctr.Name, checker)
+	cmd.Env = append(os.Environ(), "ZS_TEST_DIAL=127.0.0.1:"+strconv.Itoa(mappedPort))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("check inside the namespace: %v: %s", err, out)
+	}
+	a = waitActivity(t, g, k, "check inside the namespace", func(a Activity) bool { return a.Checks == 2 })
+	if a.Opened != 1 {
+		t.Fatalf("a health check inside the allocation's namespace counted as activity: %+v", a)
+	}
 
 	// Asleep: the service is gone, a client's SYN is captured.
 	ln.Close()
