@@ -5,24 +5,37 @@
 package consul
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
 	capi "github.com/hashicorp/consul/api"
 	hclog "github.com/hashicorp/go-hclog"
+	"github.com/zeroscale/nomad-driver-zeroscale/internal/tokenfile"
 )
 
-// Config says how to reach the local Consul agent.
+// Config says how to reach the local Consul agent. What it leaves empty
+// comes from the CONSUL_HTTP_* variables, as for Consul's own CLI.
 type Config struct {
-	Address  string // host:port or URL; CONSUL_HTTP_ADDR, then 127.0.0.1:8500
-	Token    string // CONSUL_HTTP_TOKEN when empty
-	KVPrefix string // "zeroscale" when empty
+	// Address is host:port, http://host:port, https://host:port or
+	// unix:///path/to/http.sock; CONSUL_HTTP_ADDR, then 127.0.0.1:8500.
+	Address string
+	// Token, else the token in TokenFile (read again as the file changes),
+	// else CONSUL_HTTP_TOKEN, else the token in CONSUL_HTTP_TOKEN_FILE.
+	Token     string
+	TokenFile string
+	KVPrefix  string // "zeroscale" when empty
 
+	// TLS, over each of CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY,
+	// CONSUL_TLS_SERVER_NAME and CONSUL_HTTP_SSL_VERIFY=false. A CA or a
+	// client certificate means https unless Address names its scheme.
 	CAFile             string
 	CertFile           string
 	KeyFile            string
@@ -39,6 +52,10 @@ type Config struct {
 // DefaultRequestTimeout bounds a call to Consul when Config does not say.
 const DefaultRequestTimeout = 10 * time.Second
 
+// DefaultAddress is the local agent's HTTP API when neither Config nor
+// CONSUL_HTTP_ADDR says.
+const DefaultAddress = "127.0.0.1:8500"
+
 // Client wraps the Consul API with zeroscale's conventions.
 type Client struct {
 	api     *capi.Client
@@ -48,33 +65,16 @@ type Client struct {
 	timeout time.Duration // of one call that should answer at once
 }
 
-// New builds a client; it does not contact Consul.
+// New builds a client; it does not contact Consul. It reads a token file
+// and the TLS files now, so a missing one is an error here.
 func New(cfg Config, logger hclog.Logger) (*Client, error) {
-	apiCfg := capi.DefaultConfig() // reads CONSUL_HTTP_* variables
-	if cfg.Address != "" {
-		addr := cfg.Address
-		if scheme, rest, ok := strings.Cut(addr, "://"); ok {
-			apiCfg.Scheme = scheme
-			addr = rest
-		}
-		apiCfg.Address = addr
-	} else if os.Getenv("CONSUL_HTTP_ADDR") == "" {
-		apiCfg.Address = "127.0.0.1:8500"
+	if logger == nil {
+		logger = hclog.NewNullLogger()
 	}
-	if cfg.Token != "" {
-		apiCfg.Token = cfg.Token
-	}
-	if cfg.CAFile != "" || cfg.CertFile != "" || cfg.KeyFile != "" || cfg.TLSServerName != "" || cfg.InsecureSkipVerify {
-		apiCfg.TLSConfig = capi.TLSConfig{
-			CAFile:             cfg.CAFile,
-			CertFile:           cfg.CertFile,
-			KeyFile:            cfg.KeyFile,
-			Address:            cfg.TLSServerName,
-			InsecureSkipVerify: cfg.InsecureSkipVerify,
-		}
-		if cfg.CAFile != "" || cfg.CertFile != "" {
-			apiCfg.Scheme = "https"
-		}
+	logger = logger.Named("consul")
+	apiCfg, err := apiConfig(cfg, logger)
+	if err != nil {
+		return nil, err
 	}
 	client, err := capi.NewClient(apiCfg)
 	if err != nil {
@@ -84,14 +84,105 @@ func New(cfg Config, logger hclog.Logger) (*Client, error) {
 	if prefix == "" {
 		prefix = "zeroscale"
 	}
-	if logger == nil {
-		logger = hclog.NewNullLogger()
-	}
 	timeout := cfg.RequestTimeout
 	if timeout <= 0 {
 		timeout = DefaultRequestTimeout
 	}
-	return &Client{api: client, prefix: prefix, logger: logger.Named("consul"), timeout: timeout}, nil
+	return &Client{api: client, prefix: prefix, logger: logger, timeout: timeout}, nil
+}
+
+// apiConfig is cfg over the CONSUL_HTTP_* variables, with an HTTP client of
+// our own: the token must be read at each request (capi.Client keeps the
+// one it was built with), and capi would build its own, unwrapped, client
+// for a unix:// address.
+func apiConfig(cfg Config, logger hclog.Logger) (*capi.Config, error) {
+	apiCfg := capi.DefaultConfig() // reads the CONSUL_HTTP_* variables
+	ep, err := ParseAddress(cmp.Or(cfg.Address, os.Getenv(capi.HTTPAddrEnvName), DefaultAddress))
+	if err != nil {
+		return nil, fmt.Errorf("consul address: %w", err)
+	}
+	apiCfg.Address = cmp.Or(ep.Host, ep.Socket) // capi sends a socket path as Host: localhost
+	apiCfg.PathPrefix = ep.PathPrefix
+	// The address's scheme, else https for a CA or a client certificate,
+	// else what CONSUL_HTTP_SSL says (http by default).
+	if ep.Scheme != "" {
+		apiCfg.Scheme = ep.Scheme
+	} else if cfg.CAFile != "" || cfg.CertFile != "" {
+		apiCfg.Scheme = "https"
+	}
+	tlsCfg := &apiCfg.TLSConfig
+	tlsCfg.CAFile = cmp.Or(cfg.CAFile, tlsCfg.CAFile)
+	tlsCfg.CertFile = cmp.Or(cfg.CertFile, tlsCfg.CertFile)
+	tlsCfg.KeyFile = cmp.Or(cfg.KeyFile, tlsCfg.KeyFile)
+	tlsCfg.Address = cmp.Or(cfg.TLSServerName, tlsCfg.Address)
+	tlsCfg.InsecureSkipVerify = cfg.InsecureSkipVerify || tlsCfg.InsecureSkipVerify
+
+	transport := apiCfg.Transport
+	if ep.Socket != "" {
+		transport.DialContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", ep.Socket)
+		}
+	}
+	httpClient, err := capi.NewHttpClient(transport, *tlsCfg) // loads the CA and the client certificate
+	if err != nil {
+		return nil, fmt.Errorf("consul TLS: %w", err)
+	}
+	token, err := tokenfile.Choose(cfg.Token, cfg.TokenFile, capi.HTTPTokenEnvName, capi.HTTPTokenFileEnvName).Open(logger)
+	if err != nil {
+		return nil, fmt.Errorf("consul token: %w", err)
+	}
+	httpClient.Transport = &tokenfile.Transport{Base: transport, Header: "X-Consul-Token", Token: token}
+	apiCfg.HttpClient = httpClient
+	// The transport sets the header; this only keeps capi.NewClient from
+	// reading CONSUL_HTTP_TOKEN_FILE again when a token was chosen before it.
+	apiCfg.Token, apiCfg.TokenFile = token(), ""
+	return apiCfg, nil
+}
+
+// Endpoint is where a Consul agent's HTTP API listens.
+type Endpoint struct {
+	Scheme     string // "http", "https", or "" when the address does not say
+	Host       string // host:port; empty for a socket
+	Socket     string // a unix socket's path
+	PathPrefix string // of a reverse proxy in front of the agent
+}
+
+// ParseAddress reads an address the way Consul's clients take
+// CONSUL_HTTP_ADDR: host:port, http://host:port[/prefix], https://… or
+// unix:///path/to/socket.
+func ParseAddress(addr string) (Endpoint, error) {
+	scheme, rest, ok := strings.Cut(addr, "://")
+	if !ok {
+		scheme, rest = "", addr
+	}
+	switch scheme {
+	case "unix":
+		if !strings.HasPrefix(rest, "/") || strings.Trim(rest, "/") == "" {
+			return Endpoint{}, fmt.Errorf("%q does not name a socket by its absolute path, as in unix:///run/consul/http.sock", addr)
+		}
+		return Endpoint{Socket: rest}, nil
+	case "", "http", "https":
+	default:
+		return Endpoint{}, fmt.Errorf("%q: unknown scheme %q (http, https or unix)", addr, scheme)
+	}
+	host, prefix, _ := strings.Cut(rest, "/")
+	if _, port, err := net.SplitHostPort(host); err != nil || !validPort(port) {
+		// A URL may leave the port to its scheme; a bare address may not.
+		if scheme == "" || host == "" || strings.ContainsAny(host, ":@?#") && !strings.HasPrefix(host, "[") {
+			return Endpoint{}, fmt.Errorf("%q is not host:port or a URL like http://127.0.0.1:8500", addr)
+		}
+	}
+	ep := Endpoint{Scheme: scheme, Host: host}
+	if prefix = strings.Trim(prefix, "/"); prefix != "" {
+		ep.PathPrefix = "/" + prefix
+	}
+	return ep, nil
+}
+
+func validPort(s string) bool {
+	n, err := strconv.Atoi(s)
+	return err == nil && n > 0 && n < 1<<16
 }
 
 // requestContext bounds one call that Consul should answer at once: a hung

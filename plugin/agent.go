@@ -96,13 +96,15 @@ func (a *nodeAgent) run(ctx context.Context) {
 		go a.serveMetrics(ctx)
 	}
 
-	nomad, err := scaling.NewNomadAPI(s.Nomad.Address, s.Nomad.Token)
+	nomad, err := scaling.ConnectNomad(scaling.NomadConnection{
+		Address: s.Nomad.Address, Token: s.Nomad.Token, TokenFile: s.Nomad.TokenFile, Logger: a.logger,
+	})
 	if err != nil {
 		a.logger.Error("cannot configure the Nomad client", "error", err)
 		return
 	}
 	cc, err := consul.New(consul.Config{
-		Address: s.Consul.Address, Token: s.Consul.Token, KVPrefix: s.Consul.KVPrefix,
+		Address: s.Consul.Address, Token: s.Consul.Token, TokenFile: s.Consul.TokenFile, KVPrefix: s.Consul.KVPrefix,
 		CAFile: s.Consul.CAFile, CertFile: s.Consul.CertFile, KeyFile: s.Consul.KeyFile,
 		TLSServerName: s.Consul.TLSServerName, InsecureSkipVerify: s.Consul.InsecureSkipVerify,
 	}, a.logger)
@@ -115,6 +117,11 @@ func (a *nodeAgent) run(ctx context.Context) {
 		return
 	}
 
+	namespaces, err := newAllocNamespaces()
+	if err != nil {
+		a.logger.Error("cannot read the node's network namespace", "error", err)
+		return
+	}
 	placeholders := cc.NewPlaceholders(consul.PlaceholderOptions{})
 	cluster := &consul.Cluster{Client: cc, Placeholders: placeholders, Node: node}
 	agent := scaling.NewAgent(scaling.Config{
@@ -125,6 +132,7 @@ func (a *nodeAgent) run(ctx context.Context) {
 		},
 		GateReady:     a.gateReady,
 		ListenerAlloc: listenerAlloc(a.logger),
+		Namespaces:    namespaces,
 	})
 	cluster.Leader = cc.NewLeader(consul.LeaderOptions{Name: node}, func(leader bool) {
 		agent.Do(ctx, func() { agent.OnLeader(leader) })

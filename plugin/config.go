@@ -45,12 +45,14 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		hclspec.NewLiteral(`"`+bpf.DefaultPinPath+`"`),
 	),
 	"nomad": hclspec.NewBlock("nomad", false, hclspec.NewObject(map[string]*hclspec.Spec{
-		"address": hclspec.NewAttr("address", "string", false),
-		"token":   hclspec.NewAttr("token", "string", false),
+		"address":    hclspec.NewAttr("address", "string", false),
+		"token":      hclspec.NewAttr("token", "string", false),
+		"token_file": hclspec.NewAttr("token_file", "string", false),
 	})),
 	"consul": hclspec.NewBlock("consul", false, hclspec.NewObject(map[string]*hclspec.Spec{
 		"address":              hclspec.NewAttr("address", "string", false),
 		"token":                hclspec.NewAttr("token", "string", false),
+		"token_file":           hclspec.NewAttr("token_file", "string", false),
 		"kv_prefix":            hclspec.NewDefault(hclspec.NewAttr("kv_prefix", "string", false), hclspec.NewLiteral(`"zeroscale"`)),
 		"ca_file":              hclspec.NewAttr("ca_file", "string", false),
 		"cert_file":            hclspec.NewAttr("cert_file", "string", false),
@@ -78,14 +80,16 @@ type Config struct {
 
 // NomadConfig says how to reach the Nomad API.
 type NomadConfig struct {
-	Address string `codec:"address"`
-	Token   string `codec:"token"`
+	Address   string `codec:"address"`
+	Token     string `codec:"token"`
+	TokenFile string `codec:"token_file"` // read again as it changes
 }
 
 // ConsulConfig says how to reach the local Consul agent.
 type ConsulConfig struct {
 	Address            string `codec:"address"`
 	Token              string `codec:"token"`
+	TokenFile          string `codec:"token_file"` // read again as it changes
 	KVPrefix           string `codec:"kv_prefix"`
 	CAFile             string `codec:"ca_file"`
 	CertFile           string `codec:"cert_file"`
@@ -170,27 +174,32 @@ func (c Config) validate() (settings, error) {
 	if c.BPFPinPath != "" && !strings.HasPrefix(filepath.Clean(c.BPFPinPath), bpf.BPFFSRoot+"/") {
 		fail("bpf_pin_path", "%q must be a directory below %s (a bpffs)", c.BPFPinPath, bpf.BPFFSRoot)
 	}
-	if c.Nomad.Address != "" {
-		if u, err := url.Parse(c.Nomad.Address); err != nil || (u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "unix") || u.Host == "" && u.Scheme != "unix" {
-			fail("nomad.address", "%q is not a URL like http://127.0.0.1:4646", c.Nomad.Address)
-		}
+	if c.Nomad.Address != "" && !nomadURL(c.Nomad.Address) {
+		fail("nomad.address", "%q is not a URL like http://127.0.0.1:4646 or unix:///run/nomad.sock", c.Nomad.Address)
 	}
-	if c.Consul.Address != "" {
-		addr := c.Consul.Address
-		if _, rest, ok := strings.Cut(addr, "://"); ok {
-			addr = rest
-		}
-		if _, _, err := net.SplitHostPort(addr); err != nil && !strings.HasPrefix(c.Consul.Address, "unix://") {
-			fail("consul.address", "%q is not host:port", c.Consul.Address)
-		}
-	}
+	checkToken("nomad", c.Nomad.Token, c.Nomad.TokenFile, "NOMAD_TOKEN", "NOMAD_TOKEN_FILE", fail)
+	checkToken("consul", c.Consul.Token, c.Consul.TokenFile, "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE", fail)
+	checkConsulConnection(c.Consul, fail)
 	if p := c.Consul.KVPrefix; p != "" && (strings.Trim(p, "/") == "" || strings.ContainsAny(p, " \t\n")) {
 		fail("consul.kv_prefix", "%q is not a usable KV prefix", p)
 	}
-	if (c.Consul.CertFile == "") != (c.Consul.KeyFile == "") {
-		fail("consul.cert_file", "cert_file and key_file go together")
-	}
 	return s, errors.Join(errs...)
+}
+
+// nomadURL: http(s)://host[:port] or unix:///path, as the Nomad API client
+// takes them.
+func nomadURL(addr string) bool {
+	u, err := url.Parse(addr)
+	if err != nil {
+		return false
+	}
+	switch u.Scheme {
+	case "http", "https":
+		return u.Host != ""
+	case "unix":
+		return u.Host == "" && strings.HasPrefix(u.Path, "/") && strings.Trim(u.Path, "/") != ""
+	}
+	return false
 }
 
 // distinct drops repeats: the kernel maps hold each entry once.

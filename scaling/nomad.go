@@ -37,20 +37,10 @@ type NomadAPI struct {
 }
 
 // NewNomadAPI connects to address with token (NOMAD_ADDR / NOMAD_TOKEN and
-// the other NOMAD_* variables when empty).
+// the other NOMAD_* variables when empty); ConnectNomad also takes a token
+// file.
 func NewNomadAPI(address, token string) (*NomadAPI, error) {
-	cfg := api.DefaultConfig()
-	if address != "" {
-		cfg.Address = address
-	}
-	if token != "" {
-		cfg.SecretID = token
-	}
-	client, err := api.NewClient(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("configure nomad client: %w", err)
-	}
-	return &NomadAPI{client: client, allocs: make(map[string]GroupID)}, nil
+	return ConnectNomad(NomadConnection{Address: address, Token: token})
 }
 
 // Client exposes the API client.
@@ -138,6 +128,25 @@ func pins(cs []*api.Constraint) bool {
 	return false
 }
 
+// ownNetwork tells whether a group's tasks get their own network namespace:
+// bridge or CNI network mode, or a container driver on its default network.
+func ownNetwork(tg *api.TaskGroup) bool {
+	for _, nw := range tg.Networks {
+		if nw.Mode == "bridge" || strings.HasPrefix(nw.Mode, "cni/") {
+			return true
+		}
+	}
+	for _, t := range tg.Tasks {
+		switch t.Driver {
+		case "docker", "podman", "containerd-driver":
+			if mode, _ := t.Config["network_mode"].(string); mode != "host" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 func (n *NomadAPI) Group(id GroupID) (GroupSpec, error) {
 	ctx, cancel := n.requestContext()
 	defer cancel()
@@ -154,17 +163,25 @@ func (n *NomadAPI) Group(id GroupID) (GroupSpec, error) {
 	if tg == nil {
 		return GroupSpec{}, fmt.Errorf("job %s has no group %q", id.Job, id.Group)
 	}
-	spec := GroupSpec{Pinned: pins(job.Constraints) || pins(tg.Constraints)}
+	spec := GroupSpec{Pinned: pins(job.Constraints) || pins(tg.Constraints), OwnNetwork: ownNetwork(tg)}
 	if job.Version != nil {
 		spec.JobVersion = *job.Version
 	}
 	if job.JobModifyIndex != nil {
 		spec.JobModified = *job.JobModifyIndex
 	}
-	static := map[string]int{}
+	static, mapped := map[string]int{}, map[string]int{}
 	for _, nw := range tg.Networks {
 		for _, p := range nw.ReservedPorts {
 			static[p.Label] = p.Value
+			if p.To > 0 {
+				mapped[p.Label] = p.To
+			}
+		}
+		for _, p := range nw.DynamicPorts {
+			if p.To > 0 {
+				mapped[p.Label] = p.To
+			}
 		}
 	}
 	add := func(s *api.Service) {
@@ -180,6 +197,7 @@ func (n *NomadAPI) Group(id GroupID) (GroupSpec, error) {
 		} else if p, err := strconv.Atoi(s.PortLabel); err == nil {
 			svc.StaticPort = p
 		}
+		svc.MappedPort = mapped[s.PortLabel]
 		spec.Services = append(spec.Services, svc)
 	}
 	for _, s := range tg.Services {
