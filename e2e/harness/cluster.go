@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -26,6 +28,8 @@ type Cluster struct {
 	Nomad  *Nomad
 	API    *napi.Client
 	Node   string // Nomad node name, for the examples' pin
+	// Docker is the cluster's own dockerd (ClusterOptions.Docker).
+	Docker *Dockerd
 }
 
 // ClusterOptions tunes NewCluster.
@@ -42,13 +46,49 @@ type ClusterOptions struct {
 	ConsulProxy *FaultProxy
 	// GateDown: the node is expected to report its gate as down.
 	GateDown bool
+	// Docker starts a dockerd of the cluster's own with BusyboxImage
+	// imported, and points Nomad's docker driver at it.
+	Docker bool
+	// CNI sets the client's cni_path to Debian's CNI plugins and waits
+	// until the node can place bridge-mode groups.
+	CNI bool
+	// IPv6HostNetwork, when set, makes the client namespace dual-stack and
+	// declares a host_network of this name holding the veth's IPv6 /64.
+	IPv6HostNetwork string
 }
 
+// CNIPath is where Debian's containernetworking-plugins installs the CNI
+// plugins.
+const CNIPath = "/usr/lib/cni"
+
+// bridgeCNIPlugins are the plugins Nomad's bridge mode runs; Nomad adds a
+// constraint on each one's fingerprint to bridge-mode jobs.
+var bridgeCNIPlugins = []string{"bridge", "firewall", "host-local", "loopback", "portmap"}
+
+// nomadBridge is the bridge Nomad creates for bridge-mode allocations.
+const nomadBridge = "nomad"
+
 // NewCluster starts everything; the node's network interface is the veth's
-// host end (IPv4 only), so static ports bind there.
+// host end (IPv4 only unless IPv6HostNetwork is set), so static ports bind
+// there.
 func NewCluster(t testing.TB, opts ClusterOptions) *Cluster {
 	t.Helper()
-	n := testnet.NewIPv4(t)
+	var docker *Dockerd
+	if opts.Docker {
+		// Before Nomad: its cleanup (which stops the containers) runs
+		// first.
+		docker = StartDockerd(t)
+		docker.ImportBusybox(t)
+	}
+	if opts.CNI {
+		requireCNI(t)
+	}
+	var n *testnet.Net
+	if opts.IPv6HostNetwork != "" {
+		n = testnet.New(t)
+	} else {
+		n = testnet.NewIPv4(t)
+	}
 	c := StartConsul(t, ConsulOptions{})
 	ifaces := opts.Interfaces
 	if len(ifaces) == 0 {
@@ -64,6 +104,16 @@ func NewCluster(t testing.TB, opts ClusterOptions) *Cluster {
 	}
 	nopts := NomadOptions{Consul: c, NetworkInterface: n.HostIf, PluginConfig: cfg,
 		DataDir: opts.DataDir, Persistent: opts.Persistent, GateDown: opts.GateDown}
+	if docker != nil {
+		nopts.DockerEndpoint = docker.Endpoint
+	}
+	if opts.CNI {
+		nopts.CNIPath = CNIPath
+	}
+	if opts.IPv6HostNetwork != "" {
+		prefix := netip.PrefixFrom(n.HostAddr6, 64).Masked()
+		nopts.HostNetworks = append(nopts.HostNetworks, HostNetwork{Name: opts.IPv6HostNetwork, CIDR: prefix.String()})
+	}
 	if opts.NomadProxy != nil {
 		nopts.PluginNomadAddr = "http://" + opts.NomadProxy.Addr
 	}
@@ -80,9 +130,59 @@ func NewCluster(t testing.TB, opts ClusterOptions) *Cluster {
 			t.Logf("plugin log:\n%s", Tail(nomad.PluginLog(), 150))
 		}
 	})
-	cl := &Cluster{Net: n, Consul: c, Nomad: nomad, API: nomad.Client(t)}
+	cl := &Cluster{Net: n, Consul: c, Nomad: nomad, API: nomad.Client(t), Docker: docker}
 	cl.Node = nomad.Node(t).Name
+	if docker != nil {
+		nomad.WaitDriverHealthy(t, "docker", 60*time.Second)
+	}
+	if opts.CNI {
+		cl.waitBridgeNetworking(t, 120*time.Second)
+	}
 	return cl
+}
+
+// requireCNI fails the test when bridge-mode networking cannot work here,
+// and deletes Nomad's bridge when the test ends if it was not there before.
+func requireCNI(t testing.TB) {
+	t.Helper()
+	for _, p := range bridgeCNIPlugins {
+		if _, err := os.Stat(filepath.Join(CNIPath, p)); err != nil {
+			t.Fatalf("CNI plugin %s not found in %s: install Debian's containernetworking-plugins (make system-deps)", p, CNIPath)
+		}
+	}
+	if _, err := exec.LookPath("iptables"); err != nil {
+		t.Fatal("iptables not found: the CNI portmap and firewall plugins need it (install Debian's iptables: make system-deps)")
+	}
+	if _, err := os.Stat("/sys/module/bridge"); err != nil {
+		t.Fatal("/sys/module/bridge is missing: Nomad's bridge networking needs the kernel's bridge support")
+	}
+	if _, err := net.InterfaceByName(nomadBridge); err != nil {
+		// Registered before Nomad's cleanup, so it runs after the
+		// allocations are gone.
+		t.Cleanup(func() { _ = exec.Command("ip", "link", "del", nomadBridge).Run() })
+	}
+}
+
+// waitBridgeNetworking waits until the node's fingerprint holds every CNI
+// plugin Nomad's bridge mode needs (the scheduler places no bridge-mode
+// group before: it constrains on them).
+func (c *Cluster) waitBridgeNetworking(t testing.TB, timeout time.Duration) {
+	t.Helper()
+	began := time.Now()
+	id := c.Nomad.Node(t).ID
+	waitFor(t, "the node's CNI plugin fingerprint (bridge networking)", timeout, c.Nomad.process, func() bool {
+		node, _, err := c.API.Nodes().Info(id, nil)
+		if err != nil {
+			return false
+		}
+		for _, p := range bridgeCNIPlugins {
+			if node.Attributes["plugins.cni.version."+p] == "" {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("bridge networking usable %v after the node was ready", time.Since(began).Round(100*time.Millisecond))
 }
 
 // Tail returns the last lines of s.
@@ -175,6 +275,41 @@ func (c *Cluster) ScaleEvents(t testing.TB, job, group string) []napi.ScalingEve
 	return out
 }
 
+// WaitNoneRunning waits until no allocation of job runs any more. Nomad's
+// scale status stops counting an allocation as running once it is told to
+// stop, while its task may still be shutting down and holding its port.
+func (c *Cluster) WaitNoneRunning(t testing.TB, job string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		allocs, _, err := c.API.Jobs().Allocations(job, false, nil)
+		running := 0
+		for _, a := range allocs {
+			if a.ClientStatus == "running" || a.ClientStatus == "pending" {
+				running++
+			}
+		}
+		if err == nil && running == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d allocations of %s still running after %s (%v)\n%s", running, job, timeout, err, c.Diagnose(t))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// EventsSince keeps the events recorded at or after since.
+func EventsSince(evs []napi.ScalingEvent, since time.Time) []napi.ScalingEvent {
+	var out []napi.ScalingEvent
+	for _, e := range evs {
+		if int64(e.Time) >= since.UnixNano() {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
 // CountScaleTo counts successful scaling events that set the count to n.
 func CountScaleTo(evs []napi.ScalingEvent, n int64) int {
 	count := 0
@@ -207,8 +342,11 @@ func (c *Cluster) HTTPGet(url string, timeout time.Duration) (int, string, error
 }
 
 // URL is http://<node address>:port/.
-func (c *Cluster) URL(port int) string {
-	return fmt.Sprintf("http://%s:%d/", c.Net.HostAddr, port)
+func (c *Cluster) URL(port int) string { return URLFor(c.Net.HostAddr, port) }
+
+// URLFor is http://addr:port/, with IPv6 addresses in brackets.
+func URLFor(addr netip.Addr, port int) string {
+	return "http://" + netip.AddrPortFrom(addr, uint16(port)).String() + "/"
 }
 
 // Diagnose describes the jobs and their latest allocations.
@@ -260,4 +398,44 @@ func Metric(t testing.TB, addr, series string) float64 {
 	}
 	v, _ := strconv.ParseFloat(m[1], 64)
 	return v
+}
+
+// Scale sets the group's count as an operator would, waiting out the job's
+// running deployment (Nomad refuses scaling during one).
+func (c *Cluster) Scale(t testing.TB, job, group string, count int, message string) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		_, _, err := c.API.Jobs().Scale(job, group, &count, message, false, nil, nil)
+		if err == nil {
+			return
+		}
+		if !strings.Contains(err.Error(), "active deployment") || time.Now().After(deadline) {
+			t.Fatalf("scale %s/%s to %d: %v", job, group, count, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// WaitPlaceholder waits until Consul holds the plugin's placeholder for
+// service at addr:port (tagged zeroscale-asleep).
+func (c *Cluster) WaitPlaceholder(t testing.TB, service string, addr netip.Addr, port int, timeout time.Duration) {
+	t.Helper()
+	api := c.Consul.Client(t, "")
+	deadline := time.Now().Add(timeout)
+	for {
+		entries, _, err := api.Health().Service(service, "zeroscale-asleep", false, nil)
+		if err == nil {
+			for _, e := range entries {
+				if a, perr := netip.ParseAddr(e.Service.Address); perr == nil && a == addr && e.Service.Port == port {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no placeholder for %s at %s in Consul within %s (instances tagged zeroscale-asleep: %d, %v)\n%s",
+				service, netip.AddrPortFrom(addr, uint16(port)), timeout, len(entries), err, c.Diagnose(t))
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 }

@@ -69,6 +69,46 @@ type NomadOptions struct {
 	// uses (a FaultProxy's, say); the agents themselves are unaffected.
 	PluginNomadAddr  string
 	PluginConsulAddr string
+	// DockerEndpoint points Nomad's docker driver at a daemon (a
+	// Dockerd's Endpoint); empty leaves the docker plugin unconfigured.
+	DockerEndpoint string
+	// CNIPath is the client's cni_path, for bridge-mode networking.
+	CNIPath string
+	// HostNetworks are the client's host_network blocks.
+	HostNetworks []HostNetwork
+}
+
+// HostNetwork is a client host_network block: the addresses of the node
+// within CIDR, by name, for ports that ask for it.
+type HostNetwork struct {
+	Name string
+	CIDR string
+}
+
+// clientExtras is the HCL the options add to the client block and as
+// plugin blocks.
+func (opts NomadOptions) clientExtras() (client, plugins string) {
+	var c, p strings.Builder
+	if opts.CNIPath != "" {
+		fmt.Fprintf(&c, "  cni_path = %q\n", opts.CNIPath)
+	}
+	for _, hn := range opts.HostNetworks {
+		fmt.Fprintf(&c, "  host_network %q {\n    cidr = %q\n  }\n", hn.Name, hn.CIDR)
+	}
+	if opts.DockerEndpoint != "" {
+		// No image garbage collection: the tests' image is imported
+		// locally and could not be pulled again after a sleep.
+		fmt.Fprintf(&p, `plugin "docker" {
+  config {
+    endpoint = %q
+    gc {
+      image = false
+    }
+  }
+}
+`, opts.DockerEndpoint)
+	}
+	return c.String(), p.String()
 }
 
 // Nomad is a running dev agent with the zeroscale plugin.
@@ -131,6 +171,7 @@ server {
   bootstrap_expect = 1
 }`
 	}
+	clientExtra, pluginsExtra := opts.clientExtras()
 	cfg := fmt.Sprintf(`%s
 bind_addr  = "127.0.0.1"
 data_dir   = %q
@@ -156,8 +197,8 @@ client {
     "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
   }
   gc_interval = "1h"
-}
-plugin "raw_exec" {
+%s}
+%splugin "raw_exec" {
   config {
     enabled = true
   }
@@ -175,7 +216,7 @@ plugin "nomad-driver-zeroscale" {
 %s
   }
 }
-`, mode, dataDir, pluginDir, ports[0], ports[1], ports[2], consulAddr, iface, n.PinPath,
+`, mode, dataDir, pluginDir, ports[0], ports[1], ports[2], consulAddr, iface, clientExtra, pluginsExtra, n.PinPath,
 		cmp.Or(opts.PluginNomadAddr, n.Addr), cmp.Or(opts.PluginConsulAddr, consulAddr), opts.PluginConfig)
 	n.cfgPath = filepath.Join(dir, "nomad.hcl")
 	if err := os.WriteFile(n.cfgPath, []byte(cfg), 0o600); err != nil {
@@ -254,13 +295,17 @@ func (n *Nomad) stopAllJobs(timeout time.Duration) {
 		if err != nil {
 			return
 		}
-		running := 0
+		busy := 0
 		for _, a := range allocs {
-			if a.ClientStatus == "running" || a.ClientStatus == "pending" {
-				running++
+			// A bridge-mode allocation's namespace goes after its CNI
+			// teardown: stopping the agent before that leaves iptables
+			// chains behind.
+			_, netnsErr := os.Stat("/var/run/netns/" + a.ID)
+			if a.ClientStatus == "running" || a.ClientStatus == "pending" || netnsErr == nil {
+				busy++
 			}
 		}
-		if running == 0 {
+		if busy == 0 {
 			return
 		}
 		time.Sleep(200 * time.Millisecond)
@@ -304,6 +349,25 @@ func (n *Nomad) WaitForDriver(timeout time.Duration) {
 		return ok && d.Detected && d.Healthy && d.Attributes["driver.zeroscale.gate"] == gate &&
 			(gate == "true" || d.Attributes["driver.zeroscale.gate.reason"] != "" &&
 				!strings.Contains(d.Attributes["driver.zeroscale.gate.reason"], "waiting"))
+	})
+}
+
+// WaitDriverHealthy waits until the node reports driver as detected and
+// healthy.
+func (n *Nomad) WaitDriverHealthy(t testing.TB, driver string, timeout time.Duration) {
+	t.Helper()
+	c := n.Client(t)
+	waitFor(t, "a healthy "+driver+" driver on the node", timeout, n.process, func() bool {
+		nodes, _, err := c.Nodes().List(nil)
+		if err != nil || len(nodes) == 0 {
+			return false
+		}
+		node, _, err := c.Nodes().Info(nodes[0].ID, nil)
+		if err != nil {
+			return false
+		}
+		d := node.Drivers[driver]
+		return d != nil && d.Detected && d.Healthy
 	})
 }
 
