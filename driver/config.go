@@ -75,3 +75,28 @@ func lookPath(command, taskPath string) (string, error) {
 	}
 	return exec.LookPath(command)
 }
+
+// configAttrs are the driver's fields of the plugin config block. The plugin
+// package owns that block and merges them into it (WithConfigSpec).
+var configAttrs = map[string]*hclspec.Spec{
+	// Without a default in the spec: unset means defaultDeniedUsers, and an
+	// explicit [] denies no one.
+	"denied_users": hclspec.NewAttr("denied_users", "list(string)", false),
+}
+
+// pluginConfig is the driver's part of the decoded plugin config.
+type pluginConfig struct {
+	DeniedUsers *[]string `codec:"denied_users"`
+}
+
+// WithConfigSpec returns the object spec with the driver's fields added.
+func WithConfigSpec(spec *hclspec.Spec) *hclspec.Spec {
+	attrs := map[string]*hclspec.Spec{}
+	for name, s := range spec.GetObject().GetAttributes() {
+		attrs[name] = s
+	}
+	for name, s := range configAttrs {
+		attrs[name] = s
+	}
+	return hclspec.NewObject(attrs)
+}

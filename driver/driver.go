@@ -1,6 +1,8 @@
 // Package driver is the `zeroscale` task driver: exec-style tasks (a command
 // and its args) supervised by Nomad's universal executor, with cgroups, logs,
-// stats, exec, signals and recovery after a client or plugin restart.
+// stats, exec, signals and recovery after a client or plugin restart. Each
+// task runs in a sandbox (package sandbox) that hides other allocations and
+// drops to the task's user and Nomad's default capabilities.
 package driver
 
 import (
@@ -24,6 +26,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/drivers/fsisolation"
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
+	"github.com/zeroscale/nomad-driver-zeroscale/driver/sandbox"
 )
 
 const (
@@ -61,11 +64,17 @@ type Driver struct {
 	eventer *eventer.Eventer
 	tasks   *taskStore
 
+	// launcher is this binary, which the executor starts as the sandbox.
+	launcher string
+	// landlock says whether the kernel gives tasks a Landlock domain.
+	landlock bool
+
 	mu          sync.RWMutex
 	nomadConfig *base.ClientDriverConfig
 	compute     cpustats.Compute
 	gate        GateStatus
 	healthIssue string
+	deniedUsers []string
 
 	// fingerprintNow wakes the fingerprint loop when the gate status changes.
 	fingerprintNow chan struct{}
@@ -75,14 +84,21 @@ type Driver struct {
 func New(ctx context.Context, logger hclog.Logger) *Driver {
 	logger = logger.Named(Name)
 	topology := numalib.Scan(numalib.PlatformScanners(false))
+	launcher, err := os.Executable()
+	if err != nil {
+		logger.Error("cannot find our own binary; tasks will not start", "error", err)
+	}
 	return &Driver{
 		ctx:            ctx,
 		logger:         logger,
 		eventer:        eventer.NewEventer(ctx, logger),
 		tasks:          newTaskStore(),
+		launcher:       launcher,
+		landlock:       sandbox.LandlockABI() >= 2,
 		nomadConfig:    &base.ClientDriverConfig{Topology: topology},
 		compute:        topology.Compute(),
 		gate:           GateStatus{Reason: "node agent not started: waiting for the plugin config"},
+		deniedUsers:    defaultDeniedUsers(),
 		fingerprintNow: make(chan struct{}, 1),
 	}
 }
@@ -97,18 +113,35 @@ func (d *Driver) PluginInfo() (*base.PluginInfoResponse, error) {
 	}, nil
 }
 
-// ConfigSchema is empty here: the plugin package owns the plugin config.
+// ConfigSchema holds the driver's own fields; the plugin package merges them
+// into the plugin config block it owns.
 func (d *Driver) ConfigSchema() (*hclspec.Spec, error) {
-	return hclspec.NewObject(map[string]*hclspec.Spec{}), nil
+	return hclspec.NewObject(configAttrs), nil
 }
 
-// SetConfig takes the parts of the agent's config the executor needs.
+// SetConfig takes the driver's fields of the plugin config (applied to tasks
+// started from now on) and the parts of the agent's config the executor
+// needs.
 func (d *Driver) SetConfig(cfg *base.Config) error {
-	if cfg == nil || cfg.AgentConfig == nil || cfg.AgentConfig.Driver == nil {
+	if cfg == nil {
 		return nil
+	}
+	denied := defaultDeniedUsers()
+	if len(cfg.PluginConfig) > 0 {
+		var pc pluginConfig
+		if err := base.MsgPackDecode(cfg.PluginConfig, &pc); err != nil {
+			return fmt.Errorf("decode the driver's plugin config: %w", err)
+		}
+		if pc.DeniedUsers != nil {
+			denied = *pc.DeniedUsers
+		}
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.deniedUsers = denied
+	if cfg.AgentConfig == nil || cfg.AgentConfig.Driver == nil {
+		return nil
+	}
 	d.nomadConfig = cfg.AgentConfig.Driver
 	if d.nomadConfig.Topology != nil {
 		d.compute = cfg.AgentConfig.Compute()
@@ -207,9 +240,10 @@ func (d *Driver) fingerprint() *drivers.Fingerprint {
 
 	fp := &drivers.Fingerprint{
 		Attributes: map[string]*pstructs.Attribute{
-			"driver.zeroscale":         pstructs.NewBoolAttribute(true),
-			"driver.zeroscale.version": pstructs.NewStringAttribute(Version),
-			"driver.zeroscale.gate":    pstructs.NewBoolAttribute(gate.Supported),
+			"driver.zeroscale":          pstructs.NewBoolAttribute(true),
+			"driver.zeroscale.version":  pstructs.NewStringAttribute(Version),
+			"driver.zeroscale.gate":     pstructs.NewBoolAttribute(gate.Supported),
+			"driver.zeroscale.landlock": pstructs.NewBoolAttribute(d.landlock),
 		},
 		Health:            drivers.HealthStateHealthy,
 		HealthDescription: drivers.DriverHealthy,
@@ -248,17 +282,18 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, fmt.Errorf("validate task config: %w", err)
 	}
 
-	user := cfg.User
-	if user == "" {
-		user = "nobody"
+	d.mu.RLock()
+	nomadConfig, compute, denied := d.nomadConfig, d.compute, d.deniedUsers
+	d.mu.RUnlock()
+
+	spec, err := d.prepareSandbox(cfg, command, denied)
+	if err != nil {
+		return nil, nil, err
 	}
-	if err := checkReachable(taskDir, user); err != nil {
+	args, err := sandbox.Args(spec, append([]string{command}, taskConfig.Args...))
+	if err != nil {
 		return nil, nil, fmt.Errorf("prepare task: %w", err)
 	}
-
-	d.mu.RLock()
-	nomadConfig, compute := d.nomadConfig, d.compute
-	d.mu.RUnlock()
 
 	logger := d.logger.With("alloc_id", cfg.AllocID, "task", cfg.Name)
 	execConfig := &executor.ExecutorConfig{
@@ -272,11 +307,11 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, fmt.Errorf("create executor: %w", err)
 	}
 
+	// The launcher starts as root and becomes the task's user itself.
 	ps, err := exec.Launch(&executor.ExecCommand{
-		Cmd:              command,
-		Args:             taskConfig.Args,
-		Env:              cfg.EnvList(),
-		User:             user,
+		Cmd:              launcherPath(d.launcher, taskDir),
+		Args:             args,
+		Env:              sandbox.Env(cfg.EnvList()),
 		TaskDir:          taskDir,
 		StdoutPath:       cfg.StdoutPath,
 		StderrPath:       cfg.StderrPath,
@@ -289,7 +324,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, fmt.Errorf("launch %q: %w", command, err)
 	}
 
-	h := newTaskHandle(exec, pluginClient, logger, ps.Pid, cfg, time.Now().Round(time.Millisecond))
+	h := newTaskHandle(exec, pluginClient, logger, ps.Pid, cfg, time.Now().Round(time.Millisecond), spec)
 	handle := drivers.NewTaskHandle(taskStateVersion)
 	handle.Config = cfg
 	state := TaskState{
@@ -297,6 +332,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		TaskConfig:     cfg,
 		Pid:            ps.Pid,
 		StartedAt:      h.startedAt,
+		Sandbox:        spec,
 	}
 	if err := handle.SetDriverState(&state); err != nil {
 		_ = exec.Shutdown("", 0)
@@ -306,8 +342,38 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 
 	d.tasks.Set(cfg.ID, h)
 	go h.watch()
-	logger.Info("started task", "command", command, "pid", ps.Pid)
+	logger.Info("started task", "command", command, "pid", ps.Pid, "user", spec.UID, "hidden", spec.Hide)
 	return handle, nil, nil
+}
+
+// prepareSandbox checks the task's user against denied_users and decides its
+// isolation.
+func (d *Driver) prepareSandbox(cfg *drivers.TaskConfig, command string, denied []string) (*sandbox.Spec, error) {
+	if d.launcher == "" {
+		return nil, errors.New("prepare task: cannot find the plugin's own binary to launch the sandbox")
+	}
+	name := cfg.User
+	if name == "" {
+		name = defaultUser
+	}
+	u, err := lookupUser(name)
+	if err != nil {
+		return nil, fmt.Errorf("prepare task: %w", err)
+	}
+	if err := checkAllowed(u, denied); err != nil {
+		return nil, err
+	}
+	spec, err := sandboxSpec(cfg.AllocDir, cfg.Name, u)
+	if err != nil {
+		return nil, fmt.Errorf("prepare task: sandbox: %w", err)
+	}
+	if err := checkInView(command, spec); err != nil {
+		return nil, fmt.Errorf("validate task config: %w", err)
+	}
+	if err := makeExecutable(command, cfg.TaskDir().Dir); err != nil {
+		return nil, fmt.Errorf("prepare task: %w", err)
+	}
+	return spec, nil
 }
 
 func executorLogPath(taskDir string) string {
@@ -323,13 +389,19 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	if _, ok := d.tasks.Get(handle.Config.ID); ok {
 		return nil
 	}
-	if handle.Version != taskStateVersion {
-		return fmt.Errorf("recover task %q: task state version %d is not %d", handle.Config.ID, handle.Version, taskStateVersion)
+	if handle.Version != taskStateVersion && handle.Version != taskStateVersionV1 {
+		return fmt.Errorf("recover task %q: task state version %d is neither %d nor %d",
+			handle.Config.ID, handle.Version, taskStateVersionV1, taskStateVersion)
 	}
 
 	var state TaskState
 	if err := handle.GetDriverState(&state); err != nil {
 		return fmt.Errorf("recover task %q: decode task state: %w", handle.Config.ID, err)
+	}
+	// Its executor runs commands as root; without the spec, exec into the
+	// task could not be isolated.
+	if handle.Version == taskStateVersion && state.Sandbox == nil {
+		return fmt.Errorf("recover task %q: task state version %d without a sandbox", handle.Config.ID, handle.Version)
 	}
 	reattach, err := pstructs.ReattachConfigToGoPlugin(state.ReattachConfig)
 	if err != nil {
@@ -349,7 +421,7 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	if taskConfig == nil {
 		taskConfig = handle.Config
 	}
-	h := newTaskHandle(exec, pluginClient, logger, state.Pid, taskConfig, state.StartedAt)
+	h := newTaskHandle(exec, pluginClient, logger, state.Pid, taskConfig, state.StartedAt, state.Sandbox)
 	d.tasks.Set(handle.Config.ID, h)
 	go h.watch()
 	logger.Info("recovered task", "pid", state.Pid)
@@ -459,7 +531,11 @@ func (d *Driver) ExecTask(taskID string, cmd []string, timeout time.Duration) (*
 	if !ok {
 		return nil, drivers.ErrTaskNotFound
 	}
-	out, exitCode, err := h.exec.Exec(time.Now().Add(timeout), cmd[0], cmd[1:])
+	argv, err := h.command(d.launcher, cmd)
+	if err != nil {
+		return nil, fmt.Errorf("exec in task %q: %w", taskID, err)
+	}
+	out, exitCode, err := h.exec.Exec(time.Now().Add(timeout), argv[0], argv[1:])
 	if err != nil {
 		return nil, fmt.Errorf("exec in task %q: %w", taskID, err)
 	}
@@ -481,7 +557,11 @@ func (d *Driver) ExecTaskStreamingRaw(ctx context.Context, taskID string, comman
 	if !ok {
 		return drivers.ErrTaskNotFound
 	}
-	return h.exec.ExecStreaming(ctx, command, tty, stream)
+	argv, err := h.command(d.launcher, command)
+	if err != nil {
+		return fmt.Errorf("exec in task %q: %w", taskID, err)
+	}
+	return h.exec.ExecStreaming(ctx, argv, tty, stream)
 }
 
 // EmitGroupEvent records a task event on every running task of a task group

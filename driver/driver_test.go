@@ -58,13 +58,24 @@ func (w testWriter) Write(p []byte) (int, error) {
 // task cgroup, the way the Nomad client prepares them.
 func newTask(t *testing.T, h *dtestutil.DriverHarness, script string) (*drivers.TaskConfig, func()) {
 	t.Helper()
+	return newTaskWithLogs(t, h, script, true)
+}
+
+// newRefusedTask is a task StartTask is expected to refuse: without log
+// fifos, whose reader would wait 4 s for a writer that never comes.
+func newRefusedTask(t *testing.T, h *dtestutil.DriverHarness, script string) (*drivers.TaskConfig, func()) {
+	t.Helper()
+	return newTaskWithLogs(t, h, script, false)
+}
+
+func newTaskWithLogs(t *testing.T, h *dtestutil.DriverHarness, script string, logs bool) (*drivers.TaskConfig, func()) {
+	t.Helper()
 	allocID := uuid.Generate()
 	name := "web"
 	task := &drivers.TaskConfig{
 		ID:      uuid.Generate(),
 		AllocID: allocID,
 		Name:    name,
-		User:    "root",
 		Env:     map[string]string{"GREETING": "hello from nomad"},
 		Resources: &drivers.Resources{
 			NomadResources: &structs.AllocatedTaskResources{
@@ -79,11 +90,9 @@ func newTask(t *testing.T, h *dtestutil.DriverHarness, script string) (*drivers.
 		},
 	}
 	mustEncode(t, task, &TaskConfig{Command: "/bin/sh", Args: []string{"-c", script}})
-	cleanup := h.MkAllocDir(task, true)
-	// A client's data dir is traversable by task users; MkdirTemp's is not.
-	if err := os.Chmod(filepath.Dir(task.AllocDir), 0o711); err != nil {
-		t.Fatal(err)
-	}
+	// The harness's alloc root is a MkdirTemp of mode 0700, like a
+	// client's data dir: the task's user need not be able to enter it.
+	cleanup := h.MkAllocDir(task, logs)
 	h.MakeTaskCgroup(allocID, name)
 	return task, cleanup
 }
@@ -422,6 +431,15 @@ func TestRecoverAfterTaskForgotten(t *testing.T) {
 	if err := h.RecoverTask(handle); err != nil {
 		t.Fatalf("second recover of a known task: %v", err)
 	}
+	// The executor of a sandboxed task runs commands as root: exec must
+	// still go through the sandbox, from the recovered state.
+	out, err := h.ExecTask(task.ID, []string{"id", "-un"}, 5*time.Second)
+	if err != nil {
+		t.Fatalf("exec after recovery: %v", err)
+	}
+	if string(out.Stdout) != "nobody\n" {
+		t.Fatalf("exec after recovery ran as %q, want nobody", out.Stdout)
+	}
 	if err := h.StopTask(task.ID, 5*time.Second, "SIGTERM"); err != nil {
 		t.Fatalf("stop recovered task: %v", err)
 	}
@@ -497,7 +515,7 @@ func TestBadTaskConfig(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			_, h := newHarness(t)
-			task, cleanup := newTask(t, h, "true")
+			task, cleanup := newRefusedTask(t, h, "true")
 			defer cleanup()
 			mustEncode(t, task, &tc.config)
 			_, _, err := h.StartTask(task)
@@ -555,6 +573,9 @@ func TestFingerprint(t *testing.T) {
 	if b, ok := fp.Attributes["driver.zeroscale.gate"].GetBool(); !ok || b {
 		t.Fatalf("gate attribute before the agent reports: %v", fp.Attributes["driver.zeroscale.gate"])
 	}
+	if b, ok := fp.Attributes["driver.zeroscale.landlock"].GetBool(); !ok || b != d.landlock {
+		t.Fatalf("landlock attribute %v, want %v", fp.Attributes["driver.zeroscale.landlock"], d.landlock)
+	}
 
 	d.SetGateStatus(GateStatus{Supported: true})
 	fp = next()
@@ -578,20 +599,5 @@ func TestFingerprint(t *testing.T) {
 	fp = next()
 	if fp.Health != drivers.HealthStateUnhealthy || !strings.Contains(fp.HealthDescription, "wake_from[0]") {
 		t.Fatalf("health %s %q", fp.Health, fp.HealthDescription)
-	}
-}
-
-func TestUnreachableTaskDirIsAClearError(t *testing.T) {
-	_, h := newHarness(t)
-	task, cleanup := newTask(t, h, "true")
-	defer cleanup()
-	task.User = "nobody"
-	locked := filepath.Dir(task.AllocDir)
-	if err := os.Chmod(locked, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	_, _, err := h.StartTask(task)
-	if err == nil || !strings.Contains(err.Error(), `"nobody", which cannot enter `+locked) {
-		t.Fatalf("start with a locked data dir: %v", err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	goplugin "github.com/hashicorp/go-plugin"
 	"github.com/hashicorp/nomad/drivers/shared/executor"
 	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/zeroscale/nomad-driver-zeroscale/driver/sandbox"
 )
 
 // taskHandle supervises one task through its executor process.
@@ -20,6 +21,9 @@ type taskHandle struct {
 	pid          int
 	taskConfig   *drivers.TaskConfig
 	startedAt    time.Time
+	// sandbox is how the task was isolated; nil for a task started by a
+	// version 1 plugin, whose executor runs commands as the task's user.
+	sandbox *sandbox.Spec
 
 	// exited is closed once the task's process has ended.
 	exited chan struct{}
@@ -31,7 +35,7 @@ type taskHandle struct {
 }
 
 func newTaskHandle(exec executor.Executor, client *goplugin.Client, logger hclog.Logger,
-	pid int, cfg *drivers.TaskConfig, startedAt time.Time) *taskHandle {
+	pid int, cfg *drivers.TaskConfig, startedAt time.Time, spec *sandbox.Spec) *taskHandle {
 	return &taskHandle{
 		exec:         exec,
 		pluginClient: client,
@@ -39,6 +43,7 @@ func newTaskHandle(exec executor.Executor, client *goplugin.Client, logger hclog
 		pid:          pid,
 		taskConfig:   cfg,
 		startedAt:    startedAt,
+		sandbox:      spec,
 		exited:       make(chan struct{}),
 		state:        drivers.TaskStateRunning,
 	}
@@ -95,4 +100,19 @@ func (h *taskHandle) watch() {
 		Signal:    ps.Signal,
 		OOMKilled: ps.OOMKilled,
 	}
+}
+
+// command is how a command exec'd in the task (a script check, `nomad alloc
+// exec`) is run: through the launcher, into the same isolation and user as
+// the task, for a sandboxed task; as it is for a version 1 task, whose
+// executor sets the user itself.
+func (h *taskHandle) command(launcher string, argv []string) ([]string, error) {
+	if h.sandbox == nil {
+		return argv, nil
+	}
+	args, err := sandbox.Args(h.sandbox, argv)
+	if err != nil {
+		return nil, err
+	}
+	return append([]string{launcher}, args...), nil
 }

@@ -6,11 +6,19 @@ import (
 
 	"github.com/hashicorp/nomad/plugins/drivers"
 	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
+	"github.com/zeroscale/nomad-driver-zeroscale/driver/sandbox"
 )
 
 // taskStateVersion is stored in every task handle; RecoverTask refuses state
 // written by a version it does not know instead of misreading it.
-const taskStateVersion = 1
+//
+//   - 1: the executor ran the command as the task's user, unisolated.
+//   - 2: the executor ran our sandbox launcher as root (Sandbox says how it
+//     isolated the task); commands exec'd in the task must go through it too.
+const (
+	taskStateVersion   = 2
+	taskStateVersionV1 = 1
+)
 
 // TaskState is what Nomad keeps for us across client and plugin restarts:
 // enough to reattach to the executor that supervises the task.
@@ -19,6 +27,7 @@ type TaskState struct {
 	TaskConfig     *drivers.TaskConfig
 	Pid            int
 	StartedAt      time.Time
+	Sandbox        *sandbox.Spec // since version 2
 }
 
 // taskStore maps task IDs to live handles.

@@ -60,8 +60,8 @@ func New(ctx context.Context, logger hclog.Logger) *Plugin {
 	return &Plugin{Driver: driver.New(ctx, logger), ctx: ctx, logger: logger.Named("zeroscale")}
 }
 
-// ConfigSchema is the plugin config block.
-func (p *Plugin) ConfigSchema() (*hclspec.Spec, error) { return configSpec, nil }
+// ConfigSchema is the plugin config block, the driver's fields included.
+func (p *Plugin) ConfigSchema() (*hclspec.Spec, error) { return driver.WithConfigSpec(configSpec), nil }
 
 // SetConfig validates the plugin config and starts the node agent once.
 // An invalid config does not fail the call: the driver reports itself
