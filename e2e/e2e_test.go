@@ -56,7 +56,8 @@ func TestHTTPExampleRunsAndServes(t *testing.T) {
 
 func TestExamplesValidate(t *testing.T) {
 	c := harness.NewCluster(t, harness.ClusterOptions{})
-	for _, name := range []string{"http.nomad.hcl", "nginx.nomad.hcl", "postgres.nomad.hcl", "raw_exec.nomad.hcl"} {
+	for _, name := range []string{"http.nomad.hcl", "nginx.nomad.hcl", "postgres.nomad.hcl", "raw_exec.nomad.hcl",
+		"docker.nomad.hcl", "bridge.nomad.hcl", "ipv6.nomad.hcl"} {
 		out, err := c.Nomad.CLI(t, "job", "validate", "-var", "node=x", harness.Example(t, name))
 		if err != nil {
 			t.Errorf("%s: %v\n%s", name, err, out)

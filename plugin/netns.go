@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"errors"
+	"time"
 
 	"github.com/zeroscale/nomad-driver-zeroscale/internal/cgroups"
 	"github.com/zeroscale/nomad-driver-zeroscale/internal/netns"
@@ -28,6 +29,10 @@ func (n *allocNamespaces) Host() uint32 { return n.finder.Host }
 func (n *allocNamespaces) OfProcess(pid int) (scaling.Netns, error) {
 	ns, err := netns.OfProcess(pid)
 	return scaling.Netns(ns), err
+}
+
+func (n *allocNamespaces) WaitForwarding(ns scaling.Netns, timeout time.Duration) error {
+	return netns.WaitForwarding(ns.Path, timeout)
 }
 
 func (n *allocNamespaces) OfAlloc(allocID string) (scaling.Netns, bool, error) {

@@ -40,6 +40,8 @@ type Namespaces interface {
 	// OfAlloc finds the namespace of an allocation's processes; ok is false
 	// when they share the node's namespace or none runs.
 	OfAlloc(allocID string) (ns Netns, ok bool, err error)
+	// WaitForwarding waits until the node's bridge ports into ns forward.
+	WaitForwarding(ns Netns, timeout time.Duration) error
 }
 
 // Netns is an allocation's network namespace: its inode number (what the
@@ -48,6 +50,7 @@ type Namespaces interface {
 type Netns struct {
 	Inode uint32
 	ID    int32
+	Path  string // opens it, for WaitForwarding
 }
 
 // ScaleStatus is what Nomad says about a group's count.

@@ -232,10 +232,15 @@ func (a *Agent) syncMappedPorts() {
 // replayTarget is where a SYN captured for k must find its listener: inside
 // the namespace of the allocation that serves k, at the mapped port; nil
 // when k is served in the node's namespace.
-func (a *Agent) replayTarget(g *group, k bpf.Key) *bpf.ReplayTarget {
+func (a *Agent) replayTarget(g *group, k bpf.Key) (*bpf.ReplayTarget, Netns) {
 	an := a.allocOfKey(g, k)
 	if an == nil || an.ns.ID < 0 {
-		return nil
+		return nil, Netns{}
 	}
-	return &bpf.ReplayTarget{NetnsID: an.ns.ID, Addr: an.listen, Port: g.mappedPort(k)}
+	return &bpf.ReplayTarget{NetnsID: an.ns.ID, Addr: an.listen, Port: g.mappedPort(k)}, an.ns
 }
+
+// forwardingWait bounds how long a replay into an allocation's namespace
+// waits for the bridge to forward there: beyond it, the client's own
+// retransmit arrives anyway.
+const forwardingWait = time.Second

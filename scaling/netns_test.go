@@ -15,11 +15,16 @@ type fakeNamespaces struct {
 	byPID   map[int]Netns
 	byAlloc map[string]Netns
 	looked  int
+	waited  []Netns // WaitForwarding calls
 }
 
 func (n *fakeNamespaces) Host() uint32 { return n.host }
 func (n *fakeNamespaces) OfProcess(pid int) (Netns, error) {
 	return n.byPID[pid], nil
+}
+func (n *fakeNamespaces) WaitForwarding(ns Netns, _ time.Duration) error {
+	n.waited = append(n.waited, ns)
+	return nil
 }
 func (n *fakeNamespaces) OfAlloc(alloc string) (Netns, bool, error) {
 	n.looked++
@@ -45,7 +50,7 @@ func mappedEnv(t *testing.T) (*env, *fakeNamespaces) {
 	ns := &fakeNamespaces{host: hostNetns,
 		byPID: map[int]Netns{
 			oldAllocPID: {Inode: oldAllocNs, ID: 3},
-			newAllocPID: {Inode: newAllocNs, ID: newAllocNsID},
+			newAllocPID: {Inode: newAllocNs, ID: newAllocNsID, Path: "/proc/42/ns/net"},
 			dockerProxy: {Inode: hostNetns, ID: -1},
 		},
 		byAlloc: map[string]Netns{allocA: {Inode: oldAllocNs, ID: 3}}}
@@ -107,7 +112,7 @@ func TestHostNetworkGroupsAreNotSearched(t *testing.T) {
 }
 
 func TestAMappedServiceWakesOnItsNewAllocationsListenerAndReplaysThroughTheMapping(t *testing.T) {
-	e, _ := mappedEnv(t)
+	e, ns := mappedEnv(t)
 	e.tick(time.Second)
 	e.sleep()
 	e.tick(time.Second)
@@ -141,6 +146,9 @@ func TestAMappedServiceWakesOnItsNewAllocationsListenerAndReplaysThroughTheMappi
 	if len(e.gate.replayVia) != 1 || e.gate.replayVia[0] == nil ||
 		*e.gate.replayVia[0] != (bpf.ReplayTarget{NetnsID: newAllocNsID, Addr: netip.IPv4Unspecified(), Port: mappedTo}) {
 		t.Fatalf("replay targets %v, want the new allocation's namespace at port %d", e.gate.replayVia, mappedTo)
+	}
+	if len(ns.waited) != 1 || ns.waited[0].Inode != newAllocNs {
+		t.Fatalf("waited for forwarding into %v, want once into the new allocation's namespace", ns.waited)
 	}
 
 	// Registered and healthy: still mapped, through its own instance.

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -77,8 +78,12 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 		via *bpf.ReplayTarget
 	}
 	var batch []replayItem
+	var into []Netns // namespaces the batch replays into
 	for _, k := range keys {
-		via := a.replayTarget(g, k)
+		via, ns := a.replayTarget(g, k)
+		if via != nil && ns.Path != "" && len(g.captures[k]) > 0 && !slices.Contains(into, ns) {
+			into = append(into, ns)
+		}
 		for _, c := range g.captures[k] {
 			batch = append(batch, replayItem{k, c, via})
 		}
@@ -92,6 +97,13 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 	maxAge := a.cfg.SYNMaxAge
 	now := a.clock.Now()
 	a.cfg.Spawn(func() {
+		// A SYN routed into a container before its bridge port forwards
+		// loses its ARP request and waits a second for the next one.
+		for _, ns := range into {
+			if err := a.cfg.Namespaces.WaitForwarding(ns, forwardingWait); err != nil {
+				a.logger.Debug("replaying before the bridge forwards into the allocation", "group", id.String(), "error", err)
+			}
+		}
 		counts := map[string]int{}
 		var accepted time.Duration // kernel time of the first accepted replay
 		for _, item := range batch {

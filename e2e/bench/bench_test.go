@@ -398,17 +398,27 @@ backend out
 
 func wakeLatency(b *testing.B, t *table) {
 	const wakes = 10
-	results := map[string]map[bool][]time.Duration{"python (http example)": {}, "nginx (nginx example)": {}}
+	examples := []struct {
+		name, file, job string
+		vars            map[string]string
+	}{
+		{"python (http example)", "http.nomad.hcl", "http", nil},
+		{"nginx (nginx example)", "nginx.nomad.hcl", "nginx", nil},
+		// busybox httpd in a container, behind docker's port mapping.
+		{"docker (docker example)", "docker.nomad.hcl", "docker", map[string]string{"image": harness.BusyboxImage}},
+		// python in a Nomad bridge-mode group, behind the CNI portmap.
+		{"bridge (bridge example)", "bridge.nomad.hcl", "bridge", nil},
+	}
+	results := map[string]map[bool][]time.Duration{}
+	for _, ex := range examples {
+		results[ex.name] = map[bool][]time.Duration{}
+	}
 	for _, replay := range []bool{true, false} {
-		c := harness.NewCluster(b, harness.ClusterOptions{PluginConfig: fmt.Sprintf("syn_replay = %v\n", replay)})
-		examples := []struct{ name, file, job string }{
-			{"python (http example)", "http.nomad.hcl", "http"},
-			{"nginx (nginx example)", "nginx.nomad.hcl", "nginx"},
-		}
+		c := harness.NewCluster(b, harness.ClusterOptions{PluginConfig: fmt.Sprintf("syn_replay = %v\n", replay), Docker: true, CNI: true})
 		var wg sync.WaitGroup
 		var mu sync.Mutex
 		for _, ex := range examples {
-			port := c.RunExample(b, ex.file, ex.job, "3s")
+			port := c.RunExampleWith(b, ex.file, ex.job, "3s", ex.vars)
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
@@ -421,7 +431,8 @@ func wakeLatency(b *testing.B, t *table) {
 		wg.Wait()
 	}
 	rows := []string{fmt.Sprintf("%-24s %-22s %-22s %s", "", "replay on  p50 / p90", "replay off p50 / p90", "off/on (p50)")}
-	for _, name := range []string{"python (http example)", "nginx (nginx example)"} {
+	for _, ex := range examples {
+		name := ex.name
 		on, off := results[name][true], results[name][false]
 		rows = append(rows, fmt.Sprintf("%-24s %8s / %-11s %8s / %-11s %.1f×", name,
 			ms(percentile(on, 50)), ms(percentile(on, 90)), ms(percentile(off, 50)), ms(percentile(off, 90)),

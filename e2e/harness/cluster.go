@@ -216,8 +216,18 @@ func (c *Cluster) Run(t testing.TB, file string, vars map[string]string) {
 // idle_timeout and waits until its service is healthy. It returns the port.
 func (c *Cluster) RunExample(t testing.TB, file, service, idle string) int {
 	t.Helper()
+	return c.RunExampleWith(t, file, service, idle, nil)
+}
+
+// RunExampleWith is RunExample with more job variables.
+func (c *Cluster) RunExampleWith(t testing.TB, file, service, idle string, vars map[string]string) int {
+	t.Helper()
 	port := FreePort(t, c.Net.HostAddr)
-	c.Run(t, Example(t, file), map[string]string{"node": c.Node, "port": strconv.Itoa(port), "idle_timeout": idle})
+	all := map[string]string{"node": c.Node, "port": strconv.Itoa(port), "idle_timeout": idle}
+	for k, v := range vars {
+		all[k] = v
+	}
+	c.Run(t, Example(t, file), all)
 	c.WaitHealthy(t, service, 120*time.Second)
 	return port
 }

@@ -21,6 +21,8 @@ type Namespace struct {
 	// ID is the namespace's id in the node's namespace (RTM_GETNSID): what
 	// a BPF socket lookup from the node takes to look inside it.
 	ID int32
+	// Path opens it (/proc/<pid>/ns/net of a process inside).
+	Path string
 }
 
 // Self is the inode of the calling process's network namespace.
@@ -120,5 +122,5 @@ func OfFile(path string) (Namespace, error) {
 	if id < 0 {
 		return Namespace{}, fmt.Errorf("name the network namespace %s: the kernel gave it no id", path)
 	}
-	return Namespace{Inode: inode, ID: int32(id)}, nil
+	return Namespace{Inode: inode, ID: int32(id), Path: path}, nil
 }

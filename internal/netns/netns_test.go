@@ -85,3 +85,55 @@ func TestFindAllocationFindsItsOwnNamespaceAndNamesIt(t *testing.T) {
 		t.Fatalf("an allocation without processes: %v, want ErrNotFound", err)
 	}
 }
+
+// A bridge with STP holds a new port in listening and learning for twice its
+// forward delay: WaitForwarding must wait that out, and say so when it
+// cannot.
+func TestWaitForwardingWaitsForTheBridgePort(t *testing.T) {
+	const (
+		bridge = "zsnsbr0"
+		hostIf = "zsnsh0"
+		peerIf = "zsnsp0"
+		ns     = "zs-netns-test"
+	)
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v: %s", args, err, out)
+		}
+	}
+	cleanup := func() {
+		_ = exec.Command("ip", "link", "del", hostIf).Run()
+		_ = exec.Command("ip", "link", "del", bridge).Run()
+		_ = exec.Command("ip", "netns", "del", ns).Run()
+	}
+	cleanup()
+	t.Cleanup(cleanup)
+	// forward_delay is in hundredths of a second: 2 × 0.5 s here.
+	run("ip", "link", "add", bridge, "type", "bridge", "stp_state", "1", "forward_delay", "50")
+	run("ip", "link", "set", bridge, "up")
+	run("ip", "netns", "add", ns)
+	run("ip", "link", "add", hostIf, "type", "veth", "peer", "name", peerIf)
+	run("ip", "link", "set", peerIf, "netns", ns)
+	run("ip", "link", "set", hostIf, "master", bridge)
+	run("ip", "link", "set", hostIf, "up")
+	run("ip", "-n", ns, "link", "set", peerIf, "up")
+
+	path := "/var/run/netns/" + ns
+	ports, err := bridgePortsInto(path)
+	if err != nil || len(ports) != 1 || ports[0] != hostIf {
+		t.Fatalf("bridge ports into the namespace: %v %v, want [%s]", ports, err, hostIf)
+	}
+	if err := WaitForwarding(path, 50*time.Millisecond); err == nil {
+		t.Fatal("a port in STP listening passed as forwarding")
+	}
+	began := time.Now()
+	if err := WaitForwarding(path, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("forwarding after %v", time.Since(began).Round(time.Millisecond))
+	state, _ := os.ReadFile("/sys/class/net/" + hostIf + "/brport/state")
+	if string(state) != "3\n" {
+		t.Fatalf("state %q after waiting", state)
+	}
+}
