@@ -6,6 +6,7 @@ package examples
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -27,6 +28,8 @@ func TestExamplesParse(t *testing.T) {
 	}
 }
 
+var staticPort = regexp.MustCompile(`static\s+= var\.port`)
+
 // The jobs gate well only with a zeroscale policy, a count, a static port
 // and a node pin; check each says so.
 func TestExampleJobsFollowTheRules(t *testing.T) {
@@ -37,10 +40,14 @@ func TestExampleJobsFollowTheRules(t *testing.T) {
 			t.Fatal(err)
 		}
 		src := string(b)
-		for _, want := range []string{"zeroscale {", "count = 1", "static = var.port", `attribute = "${node.unique.name}"`, "min     = 0"} {
+		for _, want := range []string{"zeroscale {", "count = 1", `attribute = "${node.unique.name}"`, "min     = 0"} {
 			if !strings.Contains(src, want) {
 				t.Errorf("%s lacks %q", f, want)
 			}
+		}
+		// hclfmt aligns the = of a block's attributes.
+		if !staticPort.MatchString(src) {
+			t.Errorf("%s lacks a static port (static = var.port)", f)
 		}
 	}
 }

@@ -55,6 +55,9 @@ type ClusterOptions struct {
 	// IPv6HostNetwork, when set, makes the client namespace dual-stack and
 	// declares a host_network of this name holding the veth's IPv6 /64.
 	IPv6HostNetwork string
+	// ACL, when set, runs Consul over HTTPS with ACLs and Nomad with ACLs,
+	// and gives the plugin tokens of the policies it names.
+	ACL *ACLOptions
 }
 
 // CNIPath is where Debian's containernetworking-plugins installs the CNI
@@ -89,7 +92,13 @@ func NewCluster(t testing.TB, opts ClusterOptions) *Cluster {
 	} else {
 		n = testnet.NewIPv4(t)
 	}
-	c := StartConsul(t, ConsulOptions{})
+	var c *Consul
+	var acl *NomadACL
+	if opts.ACL != nil {
+		c, acl = startACLConsul(t, *opts.ACL)
+	} else {
+		c = StartConsul(t, ConsulOptions{})
+	}
 	ifaces := opts.Interfaces
 	if len(ifaces) == 0 {
 		ifaces = []string{n.HostIf, "lo"}
@@ -103,7 +112,7 @@ func NewCluster(t testing.TB, opts ClusterOptions) *Cluster {
 		cfg += "metrics_address = \"\"\n"
 	}
 	nopts := NomadOptions{Consul: c, NetworkInterface: n.HostIf, PluginConfig: cfg,
-		DataDir: opts.DataDir, Persistent: opts.Persistent, GateDown: opts.GateDown}
+		DataDir: opts.DataDir, Persistent: opts.Persistent, GateDown: opts.GateDown, ACL: acl}
 	if docker != nil {
 		nopts.DockerEndpoint = docker.Endpoint
 	}
@@ -235,7 +244,7 @@ func (c *Cluster) RunExampleWith(t testing.TB, file, service, idle string, vars 
 // WaitHealthy waits for a passing Nomad-registered instance of service.
 func (c *Cluster) WaitHealthy(t testing.TB, service string, timeout time.Duration) {
 	t.Helper()
-	api := c.Consul.Client(t, "")
+	api := c.Consul.Client(t, c.Consul.Token)
 	deadline := time.Now().Add(timeout)
 	for {
 		entries, _, err := api.Health().Service(service, "", true, nil)
@@ -431,7 +440,7 @@ func (c *Cluster) Scale(t testing.TB, job, group string, count int, message stri
 // service at addr:port (tagged zeroscale-asleep).
 func (c *Cluster) WaitPlaceholder(t testing.TB, service string, addr netip.Addr, port int, timeout time.Duration) {
 	t.Helper()
-	api := c.Consul.Client(t, "")
+	api := c.Consul.Client(t, c.Consul.Token)
 	deadline := time.Now().Add(timeout)
 	for {
 		entries, _, err := api.Health().Service(service, "zeroscale-asleep", false, nil)

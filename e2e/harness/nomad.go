@@ -76,6 +76,24 @@ type NomadOptions struct {
 	CNIPath string
 	// HostNetworks are the client's host_network blocks.
 	HostNetworks []HostNetwork
+	// ACL turns Nomad's ACLs on and gives the agent and the plugin their
+	// tokens. (Over a Consul agent's TLS, Consul.Certs, the agent and the
+	// plugin trust its CA in any case.)
+	ACL *NomadACL
+}
+
+// NomadACL: the harness bootstraps Nomad's ACLs (Nomad.Token is then the
+// management token, which its clients and CLI use) and creates the plugin's
+// Nomad token.
+type NomadACL struct {
+	// AgentConsulToken is the Nomad agent's own Consul token.
+	AgentConsulToken string
+	// PluginConsulToken is the plugin's Consul token, given through
+	// consul.token_file.
+	PluginConsulToken string
+	// PluginPolicy holds the rules of the plugin's Nomad token, given
+	// through nomad.token_file.
+	PluginPolicy string
 }
 
 // HostNetwork is a client host_network block: the addresses of the node
@@ -116,9 +134,12 @@ type Nomad struct {
 	*process
 	Addr    string // http://127.0.0.1:port
 	PinPath string
-	opts    NomadOptions
-	cfgPath string
-	t       testing.TB
+	// Token is the management token when NomadOptions.ACL is set.
+	Token           string
+	pluginTokenFile string
+	opts            NomadOptions
+	cfgPath         string
+	t               testing.TB
 }
 
 // StartNomad starts `nomad agent -dev` with the freshly built plugin and
@@ -172,8 +193,9 @@ server {
 }`
 	}
 	clientExtra, pluginsExtra := opts.clientExtras()
+	aclExtra, consulExtra, pluginNomadExtra, pluginConsulExtra := n.aclConfig(t, dir)
 	cfg := fmt.Sprintf(`%s
-bind_addr  = "127.0.0.1"
+%sbind_addr  = "127.0.0.1"
 data_dir   = %q
 plugin_dir = %q
 log_level  = "DEBUG"
@@ -189,7 +211,7 @@ advertise {
 }
 consul {
   address = %q
-}
+%s}
 client {
   enabled = true
   %s
@@ -208,16 +230,17 @@ plugin "nomad-driver-zeroscale" {
     bpf_pin_path = %q
     nomad {
       address = %q
-    }
+%s    }
     consul {
       address   = %q
       kv_prefix = "zeroscale"
-    }
+%s    }
 %s
   }
 }
-`, mode, dataDir, pluginDir, ports[0], ports[1], ports[2], consulAddr, iface, clientExtra, pluginsExtra, n.PinPath,
-		cmp.Or(opts.PluginNomadAddr, n.Addr), cmp.Or(opts.PluginConsulAddr, consulAddr), opts.PluginConfig)
+`, mode, aclExtra, dataDir, pluginDir, ports[0], ports[1], ports[2], consulAddr, consulExtra, iface, clientExtra, pluginsExtra,
+		n.PinPath, cmp.Or(opts.PluginNomadAddr, n.Addr), pluginNomadExtra, cmp.Or(opts.PluginConsulAddr, consulAddr),
+		pluginConsulExtra, opts.PluginConfig)
 	n.cfgPath = filepath.Join(dir, "nomad.hcl")
 	if err := os.WriteFile(n.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
@@ -234,6 +257,9 @@ plugin "nomad-driver-zeroscale" {
 		unmountUnder(dir)
 		unmountUnder(dataDir)
 	})
+	if opts.ACL != nil {
+		n.bootstrapACL(t)
+	}
 	if !opts.NoWait {
 		n.WaitForDriver(90 * time.Second)
 	}
@@ -276,7 +302,7 @@ func (n *Nomad) stopAllJobs(timeout time.Duration) {
 	if n.process.exited() {
 		return
 	}
-	c, err := napi.NewClient(&napi.Config{Address: n.Addr})
+	c, err := napi.NewClient(&napi.Config{Address: n.Addr, SecretID: n.Token})
 	if err != nil {
 		return
 	}
@@ -315,10 +341,10 @@ func (n *Nomad) stopAllJobs(timeout time.Duration) {
 // Stop stops the agent.
 func (n *Nomad) Stop() { n.process.stop(30 * time.Second) }
 
-// Client returns an API client.
+// Client returns an API client (with the management token under ACLs).
 func (n *Nomad) Client(t testing.TB) *napi.Client {
 	t.Helper()
-	c, err := napi.NewClient(&napi.Config{Address: n.Addr})
+	c, err := napi.NewClient(&napi.Config{Address: n.Addr, SecretID: n.Token})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -390,7 +416,7 @@ func (n *Nomad) Node(t testing.TB) *napi.Node {
 func (n *Nomad) CLI(t testing.TB, args ...string) (string, error) {
 	t.Helper()
 	cmd := exec.Command(Binary(t, "nomad"), args...)
-	cmd.Env = cleanEnv("NOMAD_ADDR=" + n.Addr)
+	cmd.Env = cleanEnv("NOMAD_ADDR="+n.Addr, "NOMAD_TOKEN="+n.Token)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
