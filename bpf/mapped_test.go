@@ -2,7 +2,6 @@ package bpf
 
 import (
 	"context"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -66,20 +65,7 @@ func listenIn(t *testing.T, n *testnet.Net) net.Listener {
 	}); err != nil {
 		t.Fatalf("listen in %s: %v", n.Name, err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
-	return ln
+	return serveEcho(t, ln)
 }
 
 // A service behind a port mapping (its sockets in its own namespace, as in

@@ -56,6 +56,11 @@ func echoServer(t *testing.T, addr string) net.Listener {
 	if err != nil {
 		t.Fatalf("listen %s: %v", addr, err)
 	}
+	return serveEcho(t, ln)
+}
+
+// serveEcho echoes on every connection ln accepts until the test ends.
+func serveEcho(t *testing.T, ln net.Listener) net.Listener {
 	t.Cleanup(func() { ln.Close() })
 	go func() {
 		for {

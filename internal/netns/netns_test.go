@@ -2,9 +2,11 @@ package netns
 
 import (
 	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -91,10 +93,11 @@ func TestFindAllocationFindsItsOwnNamespaceAndNamesIt(t *testing.T) {
 // cannot.
 func TestWaitForwardingWaitsForTheBridgePort(t *testing.T) {
 	const (
-		bridge = "zsnsbr0"
-		hostIf = "zsnsh0"
-		peerIf = "zsnsp0"
-		ns     = "zs-netns-test"
+		bridge   = "zsnsbr0"
+		hostIf   = "zsnsh0"
+		peerIf   = "zsnsp0"
+		ns       = "zs-netns-test"
+		peerAddr = "10.209.0.2"
 	)
 	run := func(args ...string) {
 		t.Helper()
@@ -118,14 +121,25 @@ func TestWaitForwardingWaitsForTheBridgePort(t *testing.T) {
 	run("ip", "link", "set", hostIf, "master", bridge)
 	run("ip", "link", "set", hostIf, "up")
 	run("ip", "-n", ns, "link", "set", peerIf, "up")
+	run("ip", "addr", "add", "10.209.0.1/24", "dev", bridge)
+	run("ip", "-n", ns, "addr", "add", peerAddr+"/24", "dev", peerIf)
 
 	path := "/var/run/netns/" + ns
 	ports, err := bridgePortsInto(path)
-	if err != nil || len(ports) != 1 || ports[0] != hostIf {
-		t.Fatalf("bridge ports into the namespace: %v %v, want [%s]", ports, err, hostIf)
+	if err != nil || len(ports) != 1 || ports[0].name != hostIf || len(ports[0].addrs) != 1 || ports[0].addrs[0].String() != peerAddr {
+		t.Fatalf("bridge ports into the namespace: %+v %v, want %s to %s", ports, err, hostIf, peerAddr)
 	}
 	if err := WaitForwarding(path, 50*time.Millisecond); err == nil {
 		t.Fatal("a port in STP listening passed as forwarding")
+	}
+	// A packet for the namespace while the port does not forward leaves an
+	// unanswered ARP entry with its own retry timer.
+	if c, err := net.Dial("udp", peerAddr+":9"); err == nil {
+		_, _ = c.Write([]byte("x"))
+		c.Close()
+	}
+	if out, _ := exec.Command("ip", "neigh", "show", peerAddr, "dev", bridge).CombinedOutput(); !strings.Contains(string(out), "INCOMPLETE") && !strings.Contains(string(out), "FAILED") {
+		t.Fatalf("no unanswered ARP entry to clear: %q", out)
 	}
 	began := time.Now()
 	if err := WaitForwarding(path, 5*time.Second); err != nil {
@@ -135,5 +149,8 @@ func TestWaitForwardingWaitsForTheBridgePort(t *testing.T) {
 	state, _ := os.ReadFile("/sys/class/net/" + hostIf + "/brport/state")
 	if string(state) != "3\n" {
 		t.Fatalf("state %q after waiting", state)
+	}
+	if out, _ := exec.Command("ip", "neigh", "show", peerAddr, "dev", bridge).CombinedOutput(); strings.Contains(string(out), "INCOMPLETE") || strings.Contains(string(out), "FAILED") {
+		t.Fatalf("the unanswered ARP entry is still there: %q", out)
 	}
 }
