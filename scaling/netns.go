@@ -103,7 +103,7 @@ func (a *Agent) netnsListener(l listenSeen) *group {
 		return nil
 	}
 	g := a.groups[id]
-	if g == nil || g.policy == nil || !g.mappedPorts()[l.ev.Key.Port] && !g.listensOnNodePort(l.ev.Key.Port) {
+	if g == nil || g.policy == nil || !g.spec.OwnNetwork || !g.mappedPorts()[l.ev.Key.Port] && !g.listensOnNodePort(l.ev.Key.Port) {
 		return nil
 	}
 	ns := Netns{Inode: l.ev.Netns, ID: -1}

@@ -96,6 +96,28 @@ func TestARunningAllocationsNamespaceIsFoundAndItsPortMapped(t *testing.T) {
 	}
 }
 
+// A host-network group never serves from another namespace: a listener of
+// its allocation there is another node's (several agents on one machine).
+func TestAHostNetworkGroupIgnoresListenersInOtherNamespaces(t *testing.T) {
+	e, _ := mappedEnv(t)
+	spec := e.nomad.specs[web]
+	spec.OwnNetwork = false
+	spec.Services[0].MappedPort = 0
+	e.nomad.specs[web] = spec
+	e.agent.OnPolicies(e.nomad.stubs())
+	e.tick(time.Minute + time.Second) // the spec is read again
+	e.sleep()
+	e.syn(client, bpf.EventWake|bpf.EventCapture)
+	listenIn(e, newAllocPID, newAllocNs, 8080)
+	if e.gate.state(svcKey) != bpf.StateParked || len(e.gate.mapped) != 0 {
+		t.Fatalf("opened (%v) or mapped (%v) for another namespace's listener", e.gate.state(svcKey), e.gate.mapped)
+	}
+	listenIn(e, newAllocPID, hostNetns, 8080)
+	if e.gate.state(svcKey) != bpf.StateOpen {
+		t.Fatalf("not opened for the new allocation's listener on the node: %v", e.gate.state(svcKey))
+	}
+}
+
 func TestHostNetworkGroupsAreNotSearched(t *testing.T) {
 	e, ns := mappedEnv(t)
 	spec := e.nomad.specs[web]

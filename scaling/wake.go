@@ -218,7 +218,9 @@ func (a *Agent) inNodeNetns(ev bpf.Event) bool {
 // mapped port in an allocation's own namespace.
 func (a *Agent) listensFor(g *group, k bpf.Key, ev bpf.Event) bool {
 	if !a.inNodeNetns(ev) {
-		return ev.Key.Port == g.mappedPort(k)
+		// Only a group with its own namespaces listens outside the node's
+		// (another node's agent on the same machine, in tests, would too).
+		return g.spec.OwnNetwork && ev.Key.Port == g.mappedPort(k)
 	}
 	la := ev.Key.Addr
 	return k.Port == ev.Key.Port && (la == k.Addr || la.IsUnspecified() && (la.Is6() || k.Addr.Is4()))
