@@ -286,8 +286,27 @@ type ScaleError struct {
 	Err   error
 }
 
-func (e *ScaleError) Error() string { return fmt.Sprintf("scale %s: %v", e.Group, e.Err) }
+func (e *ScaleError) Error() string {
+	msg := fmt.Sprintf("scale %s: %v", e.Group, e.Err)
+	if forbidden(e.Err) {
+		// Name the fix: without it, the operator sees only "Permission
+		// denied" and the group never sleeps (nor records an event why).
+		msg += fmt.Sprintf(`: the Nomad token needs the "scale-job" capability in namespace %q`, e.Group.Namespace)
+	}
+	return msg
+}
+
 func (e *ScaleError) Unwrap() error { return e.Err }
+
+// forbidden recognises Nomad's 403: an ACL token without the capability.
+func forbidden(err error) bool {
+	var ue api.UnexpectedResponseError
+	if errors.As(err, &ue) {
+		return ue.StatusCode() == http.StatusForbidden
+	}
+	code, ok := statusCode(err)
+	return ok && code == http.StatusForbidden
+}
 
 // Retryable tells whether the same call may succeed later: a running
 // deployment, server errors, unreachable Nomad. Other 4xx answers (count

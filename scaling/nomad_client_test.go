@@ -137,3 +137,20 @@ func TestNomadOverAUnixSocketWithAToken(t *testing.T) {
 		t.Fatalf("Nomad saw %q over the socket", got)
 	}
 }
+
+func TestScaleDeniedNamesTheCapability(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "Permission denied", http.StatusForbidden)
+	}))
+	defer srv.Close()
+	n, err := ConnectNomad(NomadConnection{Address: srv.URL, Token: "weak"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	zero := 0
+	err = n.Scale(GroupID{Namespace: "web", Job: "shop", Group: "front"}, &zero, "zeroscale: idle", false, nil)
+	want := `scale web/shop/front: Unexpected response code: 403 (Permission denied): the Nomad token needs the "scale-job" capability in namespace "web"`
+	if err == nil || err.Error() != want || Retryable(err) {
+		t.Fatalf("Scale: %v (retryable %v), want %q, not retryable", err, Retryable(err), want)
+	}
+}

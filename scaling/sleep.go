@@ -106,6 +106,15 @@ func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 	if len(addrs) == 0 {
 		// Nothing registered in Consul: nothing could wake it again.
 		a.logger.Debug("idle but no registered address to gate", "group", g.id.String(), "count", status.Desired)
+		if status.Running > 0 && !g.reported["no-address"] {
+			// Consul hides what a token may not read instead of refusing
+			// it: a token without read on the services sees exactly this.
+			g.reported["no-address"] = true
+			a.logger.Warn(`idle, but Consul shows no instance of the running group, so it cannot sleep; `+
+				`if the job registers its services in Consul, the plugin's Consul token needs `+
+				`service_prefix "" { policy = "read" } and node_prefix "" { policy = "read" }`,
+				"group", g.id.String(), "running", status.Running)
+		}
 		g.nextIdleCheck = now.Add(10 * time.Second)
 		return
 	}
