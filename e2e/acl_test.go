@@ -108,6 +108,30 @@ func TestACLWithoutScaleJobTheIdleGroupStaysUpAndThePluginSaysWhy(t *testing.T) 
 	}
 	t.Logf("the plugin parked the group %d times and says, once: %s",
 		strings.Count(c.Nomad.PluginLog(), "parking idle group"), denials[0])
+
+	// Nomad cannot record the error as a scaling event without scale-job:
+	// the group's task shows it as a task event instead.
+	allocs, _, err := c.API.Jobs().Allocations("http", false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var events []string
+	for _, stub := range allocs {
+		for _, ts := range stub.TaskStates {
+			for _, ev := range ts.Events {
+				if strings.Contains(ev.DisplayMessage, "zeroscale") || strings.Contains(ev.Message, "zeroscale") {
+					events = append(events, ev.DisplayMessage+ev.Message)
+				}
+			}
+		}
+	}
+	found := false
+	for _, ev := range events {
+		found = found || strings.Contains(ev, `needs the "scale-job" capability in namespace "default"`)
+	}
+	if !found {
+		t.Fatalf("no task event names the missing capability; zeroscale task events: %q", events)
+	}
 }
 
 // requireACLsEnforced checks that the harness really turned ACLs on:

@@ -130,6 +130,9 @@ func (a *nodeAgent) run(ctx context.Context) {
 		OnAwake: func(id scaling.GroupID, msg string) {
 			a.driver.EmitGroupEvent(id.Namespace, id.Job, id.Group, msg)
 		},
+		OnUnrecorded: func(id scaling.GroupID, msg string) {
+			a.driver.EmitGroupEvent(id.Namespace, id.Job, id.Group, msg)
+		},
 		GateReady:     a.gateReady,
 		ListenerAlloc: listenerAlloc(a.logger),
 		Namespaces:    namespaces,

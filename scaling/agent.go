@@ -45,6 +45,10 @@ type Config struct {
 	// OnAwake, if set, hears that a woken group is ready (the plugin turns
 	// it into task events).
 	OnAwake func(id GroupID, message string)
+	// OnUnrecorded, if set, hears a report Nomad refused to record as a
+	// scaling event (a token without scale-job cannot record one): the
+	// plugin shows it as a task event of the group's zeroscale tasks.
+	OnUnrecorded func(id GroupID, message string)
 
 	// DeploymentPoll: an idle group whose job is deploying is checked again
 	// this often (Nomad refuses scaling during a deployment).

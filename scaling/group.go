@@ -256,6 +256,9 @@ func (a *Agent) reportOnce(g *group, key string, isError bool, msg string) {
 	}
 	if err := a.cfg.Nomad.Scale(g.id, nil, msg, isError, map[string]any{"zeroscale": "report", "node": a.node}); err != nil {
 		a.logger.Warn("cannot record a scaling event", "group", g.id.String(), "error", err)
+		if a.cfg.OnUnrecorded != nil {
+			a.cfg.OnUnrecorded(g.id, msg)
+		}
 	}
 }
 
