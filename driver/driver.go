@@ -342,7 +342,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 
 	d.tasks.Set(cfg.ID, h)
 	go h.watch()
-	logger.Info("started task", "command", command, "pid", ps.Pid, "user", spec.UID, "hidden", spec.Hide)
+	logger.Info("started task", "command", command, "pid", ps.Pid, "user", spec.UID)
 	return handle, nil, nil
 }
 

@@ -9,87 +9,73 @@ import (
 	"github.com/zeroscale/nomad-driver-zeroscale/driver/sandbox"
 )
 
-// sandboxSpec decides a task's isolation (driver/sandbox carries it out):
-//
-//   - hidden: the client's data dir when the alloc dir is Nomad's default
-//     <data_dir>/alloc (it holds client state, other allocations, plugins),
-//     else the alloc dir; or a directory above them that the task's user
-//     cannot enter anyway, so that a data dir of mode 0700 needs no opening;
-//   - mounted back: this allocation's shared dir and this task's dir only,
-//     not other tasks of the group;
-//   - the task's tmp dir on /tmp and /var/tmp, a fresh /dev/shm (each left
-//     to the host when the allocation itself lies below it, as in tests).
+// chrootEnv is Nomad's default chroot_env (client/config.DefaultChrootEnv):
+// the host paths a task sees, read-only, at their own path. The exec driver
+// copies them into each task dir; the sandbox mounts them, which costs
+// nothing. Paths missing on the host are skipped.
+var chrootEnv = []string{
+	"/bin", "/etc", "/lib", "/lib32", "/lib64", "/run/resolvconf", "/run/systemd/resolve", "/sbin", "/usr",
+}
+
+// tmpDirs are given the task's tmp dir.
+var tmpDirs = []string{"/tmp", "/var/tmp"}
+
+// sandboxSpec decides a task's isolation (driver/sandbox carries it out): a
+// new root with chrootEnv read-only; this allocation's shared dir and this
+// task's dir read-write at the paths Nomad gives the task; the task's tmp dir
+// on /tmp and /var/tmp, except a tmp dir that holds the allocation (as in
+// tests), which gets a fresh tmpfs below which the allocation is mounted.
 func sandboxSpec(allocDir, taskName string, u *taskUser) (*sandbox.Spec, error) {
 	resolved, err := filepath.EvalSymlinks(allocDir)
 	if err != nil {
 		return nil, fmt.Errorf("resolve alloc dir: %w", err)
 	}
-	taskDir := filepath.Join(resolved, taskName)
+	taskDir := filepath.Join(allocDir, taskName)
 	spec := &sandbox.Spec{
 		Version: sandbox.SpecVersion,
 		UID:     u.uid,
 		GID:     u.gid,
 		Groups:  u.groups,
-		Hide:    hideRoot(resolved, u),
-		Binds:   []string{filepath.Join(resolved, "alloc"), taskDir},
-		Tmp:     filepath.Join(taskDir, "tmp"),
-		Dir:     filepath.Join(allocDir, taskName),
+		Root:    chrootEnv,
+		Binds: []sandbox.Bind{
+			{Source: filepath.Join(resolved, "alloc"), Target: filepath.Join(allocDir, "alloc")},
+			{Source: filepath.Join(resolved, taskName), Target: taskDir},
+		},
+		Tmp: filepath.Join(resolved, taskName, "tmp"),
+		Dir: taskDir,
 	}
-	seen := map[string]bool{}
-	for _, dir := range []string{"/tmp", "/var/tmp"} {
-		target, err := filepath.EvalSymlinks(dir)
-		if err != nil || seen[target] || !isDir(target) || !outside(spec.Hide, target) {
-			continue
-		}
-		seen[target] = true
-		spec.TmpTargets = append(spec.TmpTargets, target)
-	}
-	spec.Shm = isDir("/dev/shm") && outside(spec.Hide, "/dev/shm")
-	return spec, spec.Validate()
-}
-
-// hideRoot is the directory the sandbox covers with an empty tmpfs.
-func hideRoot(allocDir string, u *taskUser) string {
-	root := filepath.Dir(allocDir)
-	if filepath.Base(root) == "alloc" && isDir(filepath.Join(filepath.Dir(root), "client")) {
-		root = filepath.Dir(root)
-	}
-	for _, dir := range ancestors(root) {
-		if !canEnter(dir, u) {
-			return dir
+	for _, dir := range tmpDirs {
+		if sandbox.Below(allocDir, dir) {
+			spec.Tmpfs = append(spec.Tmpfs, dir)
+		} else {
+			spec.TmpTargets = append(spec.TmpTargets, dir)
 		}
 	}
-	return root
+	if err := spec.Validate(); err != nil {
+		return nil, fmt.Errorf("%w (the alloc dir cannot lie in a chroot_env directory)", err)
+	}
+	return spec, nil
 }
 
-// outside says whether target can take a mount of its own: it neither holds
-// hide (and so the task's own directories) nor is hidden in it.
-func outside(hide, target string) bool {
-	return hide != target && !sandbox.Below(hide, target) && !sandbox.Below(target, hide)
-}
-
-func isDir(path string) bool {
-	info, err := os.Stat(path)
-	return err == nil && info.IsDir()
-}
-
-// checkInView fails for a command the task could not see: one in the hidden
-// directory but not in what is mounted back.
+// checkInView fails for a command the task could not see: one neither in
+// what is mounted read-write nor in the host paths it sees read-only.
 func checkInView(command string, spec *sandbox.Spec) error {
 	resolved, err := filepath.EvalSymlinks(command)
 	if err != nil {
 		resolved = command
 	}
-	if !sandbox.Below(resolved, spec.Hide) {
-		return nil
-	}
 	for _, b := range spec.Binds {
-		if sandbox.Below(resolved, b) {
+		if sandbox.Below(command, b.Target) || sandbox.Below(resolved, b.Source) {
 			return nil
 		}
 	}
-	return fmt.Errorf("config.command: %q is outside what the task sees: only its task dir and the "+
-		"allocation's shared dir are visible below %s", command, spec.Hide)
+	for _, r := range spec.Root {
+		if dir, err := filepath.EvalSymlinks(r); err == nil && sandbox.Below(resolved, dir) {
+			return nil
+		}
+	}
+	return fmt.Errorf("config.command: %q is outside what the task sees: its task dir, the "+
+		"allocation's shared dir and, read-only, %s", resolved, strings.Join(spec.Root, ", "))
 }
 
 // makeExecutable does for a command in the task dir what the executor did

@@ -448,69 +448,38 @@ func TestLauncherPathCleansToTheBinaryWhereverJoined(t *testing.T) {
 
 func TestSandboxSpec(t *testing.T) {
 	nobody := &taskUser{name: "nobody", uid: nobodyID, gid: nobodyID}
-	root := &taskUser{name: "root"}
-	layout := func(t *testing.T, modes map[string]os.FileMode) string {
-		t.Helper()
-		top := t.TempDir()
-		for _, dir := range []string{"data/client", "data/alloc/A/alloc", "data/alloc/A/web/tmp", "other/alloc/B/web"} {
-			if err := os.MkdirAll(filepath.Join(top, dir), 0o755); err != nil {
-				t.Fatal(err)
-			}
+	top := t.TempDir()
+	for _, dir := range []string{"data/alloc/A/alloc", "data/alloc/A/web/tmp"} {
+		if err := os.MkdirAll(filepath.Join(top, dir), 0o755); err != nil {
+			t.Fatal(err)
 		}
-		for dir, mode := range modes {
-			if err := os.Chmod(filepath.Join(top, dir), mode); err != nil {
-				t.Fatal(err)
-			}
-		}
-		// t.TempDir's parent is closed to others too.
-		for _, dir := range []string{top, filepath.Dir(top)} {
-			if err := os.Chmod(dir, 0o755); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return top
 	}
-	cases := []struct {
-		name     string
-		modes    map[string]os.FileMode
-		allocDir string
-		user     *taskUser
-		hide     string
-	}{
-		{"the data dir when it holds client state", nil, "data/alloc/A", nobody, "data"},
-		{"the alloc dir when it is not Nomad's default layout", nil, "other/alloc/B", nobody, "other/alloc"},
-		{"a closed data dir", map[string]os.FileMode{"data": 0o700}, "data/alloc/A", nobody, "data"},
-		{"a closed directory above", map[string]os.FileMode{".": 0o700}, "data/alloc/A", nobody, "."},
-		{"nothing higher for root", map[string]os.FileMode{".": 0o700}, "data/alloc/A", root, "data"},
+	if err := os.Symlink(filepath.Join(top, "data"), filepath.Join(top, "link")); err != nil {
+		t.Fatal(err)
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			top := layout(t, nil)
-			for dir, mode := range tc.modes {
-				if err := os.Chmod(filepath.Join(top, dir), mode); err != nil {
-					t.Fatal(err)
-				}
-			}
-			allocDir := filepath.Join(top, tc.allocDir)
-			spec, err := sandboxSpec(allocDir, "web", tc.user)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if want := filepath.Join(top, tc.hide); spec.Hide != want {
-				t.Errorf("hide %s, want %s", spec.Hide, want)
-			}
-			wantBinds := []string{filepath.Join(allocDir, "alloc"), filepath.Join(allocDir, "web")}
-			if strings.Join(spec.Binds, " ") != strings.Join(wantBinds, " ") {
-				t.Errorf("binds %v, want %v", spec.Binds, wantBinds)
-			}
-			// t.TempDir is below /tmp: /tmp must stay, or the allocation
-			// would be hidden with it.
-			for _, target := range spec.TmpTargets {
-				if target == "/tmp" {
-					t.Errorf("/tmp is a tmp target although the allocation lies below it")
-				}
-			}
-		})
+	allocDir := filepath.Join(top, "link", "alloc", "A")
+	spec, err := sandboxSpec(allocDir, "web", nobody)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Mounted from where they are, at the paths Nomad gives the task.
+	want := []sandbox.Bind{
+		{Source: filepath.Join(top, "data/alloc/A/alloc"), Target: filepath.Join(allocDir, "alloc")},
+		{Source: filepath.Join(top, "data/alloc/A/web"), Target: filepath.Join(allocDir, "web")},
+	}
+	if fmt.Sprint(spec.Binds) != fmt.Sprint(want) {
+		t.Errorf("binds %v, want %v", spec.Binds, want)
+	}
+	if spec.Dir != filepath.Join(allocDir, "web") || spec.Tmp != filepath.Join(top, "data/alloc/A/web/tmp") {
+		t.Errorf("dir %s, tmp %s", spec.Dir, spec.Tmp)
+	}
+	// t.TempDir is below /tmp: the task's tmp dir on /tmp would hide the
+	// allocation, so /tmp is a fresh tmpfs that the allocation is mounted in.
+	if strings.Join(spec.Tmpfs, " ") != "/tmp" || strings.Join(spec.TmpTargets, " ") != "/var/tmp" {
+		t.Errorf("tmpfs %v, tmp targets %v", spec.Tmpfs, spec.TmpTargets)
+	}
+	if strings.Join(spec.Root, " ") != strings.Join(chrootEnv, " ") {
+		t.Errorf("root %v, want Nomad's default chroot_env", spec.Root)
 	}
 }
 
@@ -620,23 +589,6 @@ func TestRenamesAndLinksAcrossDirectoriesStillWork(t *testing.T) {
 	}
 }
 
-func TestPrivateDirsNeitherHoldNorHideTheAllocation(t *testing.T) {
-	cases := []struct {
-		hide, target string
-		mount        bool
-	}{
-		{"/var/lib/nomad", "/tmp", true},
-		{"/tmp/nomad-data", "/tmp", false}, // would hide the allocation
-		{"/tmp", "/tmp", false},
-		{"/var", "/var/tmp", false}, // hidden already, and no mount point left
-	}
-	for _, tc := range cases {
-		if got := outside(tc.hide, tc.target); got != tc.mount {
-			t.Errorf("hide %s, mount on %s: %v, want %v", tc.hide, tc.target, got, tc.mount)
-		}
-	}
-}
-
 // The task owns its task dir: it can leave tmp as a symlink for its next
 // start, pointing where the sandbox would otherwise mount it on /tmp.
 func TestATmpSymlinkIsNotFollowed(t *testing.T) {
@@ -666,5 +618,167 @@ func TestATmpSymlinkIsNotFollowed(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(target, "planted")); err == nil {
 		t.Error("the sandbox followed the task's tmp symlink into another allocation")
+	}
+}
+
+// The task's root holds Nomad's default chroot_env from the host, read-only,
+// and its own allocation; the rest of the host's filesystem is not there.
+func TestTaskSeesOnlyChrootEnvOfTheHost(t *testing.T) {
+	_, h := newHarness(t)
+	name := fmt.Sprintf("zs-test-%d", time.Now().UnixNano())
+	secrets := []string{filepath.Join("/srv", name, "token"), filepath.Join("/var/lib", name, "token")}
+	for _, s := range secrets {
+		plantSecret(t, s)
+		defer os.RemoveAll(filepath.Dir(s))
+		if err := asNobodyOnHost(t, "cat "+s); err != nil {
+			t.Fatal("control: nobody cannot read the planted file on the host; the test proves nothing")
+		}
+	}
+	task, cleanup := newTask(t, h, fmt.Sprintf(`
+		exec > "$NOMAD_TASK_DIR/out" 2>&1
+		for p in /root /home /var/lib /srv /opt /run/lock /sys /boot /mnt %s; do
+			ls -d "$p" >/dev/null 2>&1 && echo "LEAK-$p"
+		done
+		echo "root:" $(ls /)
+		echo "var:" $(ls /var)
+		head -c1 /etc/hostname >/dev/null && echo reads-etc
+		/usr/bin/env | grep -q '^GREETING=hello' && echo runs-usr-bin-env
+		"$NOMAD_TASK_DIR/script.sh" && echo runs-local-script
+		echo x > "$NOMAD_TASK_DIR/written" && echo writes-task-dir
+		echo x > /tmp/written && echo writes-tmp
+		echo x > /dev/null && head -c1 /dev/urandom >/dev/null && echo has-dev-null-urandom
+		[ -e /dev/mem ] || [ -e /dev/kmsg ] && echo LEAK-dev
+		true`, strings.Join(secrets, " ")))
+	defer cleanup()
+	script := filepath.Join(task.TaskDir().LocalDir, "script.sh")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+
+	out := runToEnd(t, h, task)
+	t.Logf("task output:\n%s", out)
+	for _, want := range []string{"var: tmp\n", "reads-etc", "runs-usr-bin-env", "runs-local-script",
+		"writes-task-dir", "writes-tmp", "has-dev-null-urandom"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("task output lacks %q", want)
+		}
+	}
+	if strings.Contains(out, "LEAK") {
+		t.Error("the task sees host paths outside chroot_env")
+	}
+}
+
+// Read-only is the mounts', not the permissions': root, with dac_override,
+// writes /usr and /etc on the host.
+func TestChrootEnvIsReadOnlyEvenForRoot(t *testing.T) {
+	d, h := newHarness(t)
+	if err := d.SetConfig(&base.Config{PluginConfig: pluginConfigFromHCL(t, `denied_users = []`)}); err != nil {
+		t.Fatal(err)
+	}
+	name := fmt.Sprintf("zs-test-%d", time.Now().UnixNano())
+	task, cleanup := newTask(t, h, fmt.Sprintf(`
+		exec > "$NOMAD_TASK_DIR/out" 2>&1
+		for d in /usr /usr/bin /etc /bin/ /lib/ /; do
+			touch "$d/%s" && echo "LEAK-wrote-$d"
+		done
+		echo done`, name))
+	defer cleanup()
+	task.User = "root"
+	out := runToEnd(t, h, task)
+	t.Logf("task output:\n%s", out)
+	for _, d := range []string{"/usr", "/usr/bin", "/etc", "/bin", "/lib"} {
+		if _, err := os.Stat(filepath.Join(d, name)); err == nil {
+			os.Remove(filepath.Join(d, name))
+			t.Errorf("a root task wrote %s on the host", d)
+		}
+	}
+	if !strings.Contains(out, "done") || strings.Contains(out, "LEAK") {
+		t.Error("a root task wrote into its read-only root")
+	}
+}
+
+// The executor resolves the command on the host; the launcher runs that path
+// in the new root.
+func TestCommandsRunFromTheHostsDirsAndTheTaskDir(t *testing.T) {
+	cases := []struct {
+		name    string
+		command string
+		args    []string
+	}{
+		{"in /usr/bin", "/usr/bin/env", []string{"true"}},
+		{"in /usr/sbin", "/usr/sbin/chroot", []string{"--version"}},
+		{"in /bin", "/bin/sh", []string{"-c", "true"}},
+		{"in PATH", "sh", []string{"-c", "true"}},
+		{"in local/", "run.sh", nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, h := newHarness(t)
+			task, cleanup := newTask(t, h, "")
+			defer cleanup()
+			if err := os.WriteFile(filepath.Join(task.TaskDir().LocalDir, "run.sh"), []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			mustEncode(t, task, &TaskConfig{Command: tc.command, Args: tc.args})
+			startQuick(t, h, task)
+			if res := waitExit(t, h, task.ID, 10*time.Second); res.ExitCode != 0 {
+				t.Fatalf("exit %+v", res)
+			}
+		})
+	}
+}
+
+// `nomad alloc exec -t`: the executor opens the terminal on the host; the
+// task's /dev has the host's ptys so that the shell finds it by name.
+func TestExecWithATerminal(t *testing.T) {
+	d, h := newHarness(t)
+	task, cleanup := newTask(t, h, "sleep 600")
+	defer cleanup()
+	start(t, h, task)
+	defer h.DestroyTask(task.ID, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Closing a terminal's input ends the session: keep it open.
+	stream := &terminalStream{ctx: ctx}
+	if err := d.ExecTaskStreamingRaw(ctx, task.ID, []string{"sh", "-c", "tty; ls /dev/pts/ptmx"}, true, stream); err != nil {
+		t.Fatalf("exec streaming with a terminal: %v", err)
+	}
+	t.Logf("exec -t printed %q", stream.stdout())
+	if got := stream.stdout(); !strings.HasPrefix(got, "/dev/pts/") || !strings.Contains(got, "/dev/pts/ptmx") {
+		t.Errorf("exec -t printed %q, want its terminal's name", got)
+	}
+}
+
+// terminalStream is a `nomad alloc exec -t` that types nothing.
+type terminalStream struct {
+	collectStream
+	ctx context.Context
+}
+
+func (s *terminalStream) Recv() (*drivers.ExecTaskStreamingRequestMsg, error) {
+	<-s.ctx.Done()
+	return nil, io.EOF
+}
+
+func TestACommandOutsideTheTasksRootIsRefused(t *testing.T) {
+	dir, err := os.MkdirTemp("/var/tmp", "zeroscale-driver-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	command := filepath.Join(dir, "app")
+	if err := os.WriteFile(command, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, h := newHarness(t)
+	task, cleanup := newRefusedTask(t, h, "")
+	defer cleanup()
+	mustEncode(t, task, &TaskConfig{Command: command})
+	_, _, err = h.StartTask(task)
+	if want := "is outside what the task sees"; err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("start %s: %v, want an error containing %q", command, err, want)
 	}
 }

@@ -4,10 +4,8 @@ import (
 	"fmt"
 	"os"
 	"os/user"
-	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 )
 
 // defaultUser is who a task runs as when it does not set `user`.
@@ -76,48 +74,4 @@ func checkAllowed(u *taskUser, denied []string) error {
 		}
 	}
 	return nil
-}
-
-// canEnter says whether u may search dir by its mode bits (ACLs are not
-// read: a directory they open is hidden like one that is closed).
-func canEnter(dir string, u *taskUser) bool {
-	if u.uid == 0 {
-		return true
-	}
-	info, err := os.Stat(dir)
-	if err != nil {
-		return false
-	}
-	st, ok := info.Sys().(*syscall.Stat_t)
-	if !ok {
-		return false
-	}
-	mode := info.Mode().Perm()
-	switch {
-	case st.Uid == u.uid:
-		return mode&0o100 != 0
-	case st.Gid == u.gid || containsGID(u.groups, st.Gid):
-		return mode&0o010 != 0
-	default:
-		return mode&0o001 != 0
-	}
-}
-
-func containsGID(groups []uint32, gid uint32) bool {
-	for _, g := range groups {
-		if g == gid {
-			return true
-		}
-	}
-	return false
-}
-
-// ancestors lists the directories above path, from the one below / down to
-// its parent.
-func ancestors(path string) []string {
-	var out []string
-	for p := filepath.Dir(path); p != "/" && p != "."; p = filepath.Dir(p) {
-		out = append([]string{p}, out...)
-	}
-	return out
 }

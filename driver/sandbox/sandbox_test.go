@@ -11,9 +11,12 @@ func validSpec() Spec {
 		Version: SpecVersion,
 		UID:     65534,
 		GID:     65534,
-		Hide:    "/var/lib/nomad",
-		Binds:   []string{"/var/lib/nomad/alloc/A/alloc", "/var/lib/nomad/alloc/A/web"},
-		Dir:     "/var/lib/nomad/alloc/A/web",
+		Root:    []string{"/bin", "/etc", "/usr"},
+		Binds: []Bind{
+			{Source: "/var/lib/nomad/alloc/A/alloc", Target: "/var/lib/nomad/alloc/A/alloc"},
+			{Source: "/var/lib/nomad/alloc/A/web", Target: "/var/lib/nomad/alloc/A/web"},
+		},
+		Dir: "/var/lib/nomad/alloc/A/web",
 	}
 }
 
@@ -24,13 +27,17 @@ func TestSpecValidation(t *testing.T) {
 		want   string
 	}{
 		{"valid", func(*Spec) {}, ""},
-		{"another version", func(s *Spec) { s.Version = 2 }, "spec version 2"},
-		{"relative hide", func(s *Spec) { s.Hide = "var/lib/nomad" }, "not absolute"},
-		{"unclean bind", func(s *Spec) { s.Binds[0] = "/var/lib/nomad/alloc/../../../etc" }, "not absolute and clean"},
-		{"bind outside hide", func(s *Spec) { s.Binds[1] = "/etc" }, `"/etc" is not below`},
-		{"bind is hide", func(s *Spec) { s.Binds[1] = s.Hide }, "is not below"},
-		{"hide the root", func(s *Spec) { s.Hide = "/" }, "cannot hide /"},
-		{"nothing mounted back", func(s *Spec) { s.Binds = nil }, "nothing to mount back"},
+		{"another version", func(s *Spec) { s.Version = 1 }, "spec version 1"},
+		{"relative root path", func(s *Spec) { s.Root[0] = "bin" }, "not absolute"},
+		{"unclean bind", func(s *Spec) { s.Binds[0].Source = "/var/lib/nomad/alloc/../../../etc" }, "not absolute and clean"},
+		{"bind in a read-only host dir", func(s *Spec) { s.Binds[1].Target = "/etc/web" }, `"/etc/web" meets "/etc"`},
+		{"bind holding a read-only host dir", func(s *Spec) { s.Root = append(s.Root, s.Binds[1].Target+"/bin") }, `web" meets "/var/lib/nomad/alloc/A/web/bin"`},
+		{"nested binds", func(s *Spec) { s.Binds[1].Target = s.Binds[0].Target + "/web" }, "nest"},
+		{"the host's root", func(s *Spec) { s.Root = []string{"/"} }, `"/" meets /dev`},
+		{"the host's /dev", func(s *Spec) { s.Root = append(s.Root, "/dev/shm") }, "meets /dev"},
+		{"tmp over the task dir", func(s *Spec) { s.TmpTargets = []string{"/var/lib"} }, `tmp target "/var/lib" meets`},
+		{"tmpfs in the task dir", func(s *Spec) { s.Tmpfs = []string{s.Dir + "/tmp"} }, "lies in"},
+		{"no task dir", func(s *Spec) { s.Binds = nil }, "no task dir"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -57,7 +64,7 @@ func TestArgsRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(argv, []string{"/bin/sh", "-c", "echo --"}) || got.Hide != s.Hide || !slices.Equal(got.Binds, s.Binds) {
+	if !slices.Equal(argv, []string{"/bin/sh", "-c", "echo --"}) || !slices.Equal(got.Root, s.Root) || !slices.Equal(got.Binds, s.Binds) {
 		t.Fatalf("parsed %+v %q", got, argv)
 	}
 	if _, _, err := parseArgs([]string{"{}", "/bin/sh"}); err == nil {
