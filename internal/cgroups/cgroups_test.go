@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 )
 
 const testAlloc = "8d2f6c1e-5b7a-4f3e-9c0d-1a2b3c4d5e6f"
@@ -177,7 +178,14 @@ func TestAllocOfProcessReadsTheTaskEnvironment(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	// Until the child has exec'd sleep, /proc shows the test's own
+	// environment: ask until it has.
+	deadline := time.Now().Add(5 * time.Second)
 	got, ok, err := AllocOfProcess(cmd.Process.Pid)
+	for err == nil && !ok && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+		got, ok, err = AllocOfProcess(cmd.Process.Pid)
+	}
 	if err != nil || !ok || got != alloc {
 		t.Fatalf("AllocOfProcess = %q %v %v, want %s", got, ok, err, alloc)
 	}
