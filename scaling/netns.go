@@ -2,6 +2,7 @@ package scaling
 
 import (
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
@@ -56,7 +57,8 @@ func (a *Agent) findNetns(g *group, now time.Time) {
 	if a.cfg.Namespaces == nil || g.policy == nil || !g.spec.OwnNetwork {
 		return
 	}
-	for k, inst := range g.liveKeys() {
+	liveKeys := g.liveKeys()
+	for k, inst := range liveKeys {
 		if inst.AllocID == "" || !a.isLocal(k.Addr) || g.netns[inst.AllocID] != nil {
 			continue
 		}
@@ -76,7 +78,7 @@ func (a *Agent) findNetns(g *group, now time.Time) {
 	}
 	// Forget allocations that are gone: not registered and not seen lately.
 	live := make(map[string]bool)
-	for _, inst := range g.liveKeys() {
+	for _, inst := range liveKeys {
 		live[inst.AllocID] = true
 	}
 	for alloc, an := range g.netns {
@@ -131,7 +133,8 @@ func (g *group) listensOnNodePort(port uint16) bool {
 // instance's, or while the group wakes, the newest allocation seen
 // listening that was not the one parked.
 func (a *Agent) allocOfKey(g *group, k bpf.Key) *allocNetns {
-	if inst, ok := g.liveKeys()[k]; ok && inst.AllocID != "" {
+	live := g.liveKeys()
+	if inst, ok := live[k]; ok && inst.AllocID != "" {
 		if an := g.netns[inst.AllocID]; an != nil {
 			return an
 		}
@@ -140,12 +143,12 @@ func (a *Agent) allocOfKey(g *group, k bpf.Key) *allocNetns {
 		return nil
 	}
 	owners := make(map[string]bool)
-	for _, inst := range g.liveKeys() {
+	for _, inst := range live {
 		owners[inst.AllocID] = true
 	}
 	var newest *allocNetns
 	for alloc, an := range g.netns {
-		if owners[alloc] || containsString(g.state.Allocs, alloc) {
+		if owners[alloc] || slices.Contains(g.state.Allocs, alloc) {
 			continue
 		}
 		if newest == nil || an.seen.After(newest.seen) {
@@ -153,15 +156,6 @@ func (a *Agent) allocOfKey(g *group, k bpf.Key) *allocNetns {
 		}
 	}
 	return newest
-}
-
-func containsString(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
 }
 
 // desiredMappedPorts maps each local, gated address of every group to the
