@@ -10,6 +10,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 )
 
 // AttachMode is where the gate runs on an interface.
@@ -48,9 +49,22 @@ func ParseAttachMode(s string) (AttachMode, error) {
 
 // isVirtual tells devices without hardware behind them: they have no
 // /sys/class/net/<if>/device link.
+// isVirtual tells a device with no bus behind it (lo, veth, bridge, …). It
+// asks the device's driver through ethtool in the caller's own namespace:
+// /sys/class/net shows the namespace sysfs was mounted in, which is not
+// ours when the agent runs in a namespace of its own.
 func isVirtual(ifname string) bool {
-	_, err := os.Stat(filepath.Join("/sys/class/net", ifname, "device"))
-	return err != nil
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return true
+	}
+	defer unix.Close(fd)
+	info, err := unix.IoctlGetEthtoolDrvinfo(fd, ifname)
+	if err != nil {
+		return true // lo and some virtual drivers answer no ethtool at all
+	}
+	bus := unix.ByteSliceToString(info.Bus_info[:])
+	return bus == "" || bus == "N/A" // a bridge says N/A
 }
 
 func gateLinkID(ifname string) string { return "gate_" + ifname }

@@ -1,6 +1,7 @@
 package scaling
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -184,11 +185,11 @@ func (n *NomadAPI) Group(id GroupID) (GroupSpec, error) {
 			}
 		}
 	}
-	add := func(s *api.Service) {
+	add := func(s *api.Service, task string) {
 		if s == nil {
 			return
 		}
-		svc := ServiceSpec{Name: s.Name, PortLabel: s.PortLabel, Provider: s.Provider}
+		svc := ServiceSpec{Name: serviceName(s.Name, job, id.Group, task), PortLabel: s.PortLabel, Provider: s.Provider}
 		if svc.Provider == "" {
 			svc.Provider = "consul"
 		}
@@ -201,14 +202,49 @@ func (n *NomadAPI) Group(id GroupID) (GroupSpec, error) {
 		spec.Services = append(spec.Services, svc)
 	}
 	for _, s := range tg.Services {
-		add(s)
+		add(s, "")
 	}
 	for _, t := range tg.Tasks {
 		for _, s := range t.Services {
-			add(s)
+			add(s, t.Name)
 		}
 	}
 	return spec, nil
+}
+
+// serviceName resolves the variables Nomad fills into a service's name
+// from the job alone (its names, and the legacy ${JOB}, ${TASKGROUP},
+// ${TASK} and ${BASE}), so the plugin watches the name Consul shows.
+// Per-node or per-allocation variables stay as written: such a service
+// is not found, and the group is not parked.
+func serviceName(name string, job *api.Job, group, task string) string {
+	if !strings.Contains(name, "${") {
+		return name
+	}
+	jobID := ptrOr(job.ID)
+	jobName := cmp.Or(ptrOr(job.Name), jobID)
+	base := jobName + "-" + group
+	if task != "" {
+		base += "-" + task
+	}
+	return strings.NewReplacer(
+		"${NOMAD_JOB_NAME}", jobName,
+		"${NOMAD_JOB_ID}", jobID,
+		"${NOMAD_GROUP_NAME}", group,
+		"${NOMAD_TASK_NAME}", task,
+		"${NOMAD_NAMESPACE}", cmp.Or(ptrOr(job.Namespace), "default"),
+		"${JOB}", jobName,
+		"${TASKGROUP}", group,
+		"${TASK}", task,
+		"${BASE}", base,
+	).Replace(name)
+}
+
+func ptrOr(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
 }
 
 func (n *NomadAPI) ScaleStatus(id GroupID) (ScaleStatus, error) {

@@ -200,6 +200,7 @@ func (a *Agent) onListen(ev bpf.Event) {
 		// Resolve now: the process (and its cgroup) may be gone later.
 		seen.alloc, _ = a.cfg.ListenerAlloc(ev)
 	}
+	a.logger.Debug("listener", "address", ev.Key.String(), "netns", ev.Netns, "pid", ev.PID, "alloc_id", seen.alloc)
 	a.recentListens = append(a.recentListens, seen)
 	a.netnsListener(seen)
 	for _, g := range a.groups {

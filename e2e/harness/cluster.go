@@ -411,7 +411,13 @@ func Metric(t testing.TB, addr, series string) float64 {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(series) + ` ([0-9.e+-]+)$`).FindStringSubmatch(string(b))
+	return metricValue(string(b), series)
+}
+
+// metricValue finds one series in a Prometheus text exposition (0 when
+// absent).
+func metricValue(exposition, series string) float64 {
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(series) + ` ([0-9.e+-]+)$`).FindStringSubmatch(exposition)
 	if m == nil {
 		return 0
 	}
