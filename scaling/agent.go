@@ -59,6 +59,9 @@ type Config struct {
 	RecordRefresh time.Duration
 	// ScaleSettle is how long a Scale may take to show in Nomad's count.
 	ScaleSettle time.Duration
+	// WakeTakeover: a node holding clients of a wake that left the count
+	// at 0 this long takes the wake over (its first node died).
+	WakeTakeover time.Duration
 	// MovedFor: an address the group left answers SYNs with a RST this long.
 	MovedFor time.Duration
 	// OrphanGrace: after start, gate entries that no group claims are kept
@@ -124,6 +127,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.ScaleSettle <= 0 {
 		c.ScaleSettle = 15 * time.Second
+	}
+	if c.WakeTakeover <= 0 {
+		c.WakeTakeover = 3 * time.Second
 	}
 	if c.MovedFor <= 0 {
 		c.MovedFor = 5 * time.Minute

@@ -272,14 +272,17 @@ func TestReadyHealthy(t *testing.T) {
 	}
 }
 
-func TestTwoNodesWakingAtOnceScaleOnce(t *testing.T) {
+// twoNodesAsleep is the group with an address on each of two nodes, parked
+// by node-1 (the leader) with node-2's acknowledgement.
+func twoNodesAsleep(t *testing.T) (n1, n2 *env, nomad *fakeNomad, keyB bpf.Key) {
+	t.Helper()
 	kv := newFakeKV()
-	nomad := standardNomad(defaultBlock())
+	nomad = standardNomad(defaultBlock())
 	// The group has an address on each node.
 	addrB := "10.0.0.6:8080"
-	keyB := bpf.KeyFrom(netip.MustParseAddrPort(addrB))
-	n1 := newEnv(t, kv, nomad, "node-1", []string{"10.0.0.5"})
-	n2 := newEnv(t, kv, nomad, "node-2", []string{"10.0.0.6"})
+	keyB = bpf.KeyFrom(netip.MustParseAddrPort(addrB))
+	n1 = newEnv(t, kv, nomad, "node-1", []string{"10.0.0.5"})
+	n2 = newEnv(t, kv, nomad, "node-2", []string{"10.0.0.6"})
 	n2.clock = n1.clock
 	n2.agent.clock = n1.clock
 	insts := []consul.Instance{instance("web", svcAddr, "node-1", allocA, true), instance("web", addrB, "node-2", allocB, true)}
@@ -315,6 +318,11 @@ func TestTwoNodesWakingAtOnceScaleOnce(t *testing.T) {
 		e.agent.OnGroupStates(e.cluster.all())
 		e.agent.OnInstances("web", nil)
 	}
+	return n1, n2, nomad, keyB
+}
+
+func TestTwoNodesWakingAtOnceScaleOnce(t *testing.T) {
+	n1, n2, nomad, keyB := twoNodesAsleep(t)
 
 	// Both nodes see SYNs at the same moment, from before either saw the
 	// other's state change.
@@ -328,6 +336,46 @@ func TestTwoNodesWakingAtOnceScaleOnce(t *testing.T) {
 	}
 	if wakes != 1 {
 		t.Fatalf("%d scale-ups for simultaneous wakes on two nodes, want 1: %+v", wakes, nomad.countChanges())
+	}
+}
+
+// A node that began a wake and died before its Scale leaves the record
+// waking at count 0: a node whose clients wait takes the wake over.
+func TestAWakeWhoseNodeDiedBeforeItsScaleIsTakenOver(t *testing.T) {
+	n1, n2, nomad, keyB := twoNodesAsleep(t)
+	scaleUps := func() (ups []int) {
+		for _, c := range nomad.countChanges() {
+			if *c.Count > 0 {
+				ups = append(ups, *c.Count)
+			}
+		}
+		return ups
+	}
+	nomad.scaleErrs = []error{errors.New("node-1 died before this call")}
+	n1.agent.OnGateEvent(bpf.Event{Kind: bpf.EventWake, Key: svcKey, Source: client, Time: n1.clock.now})
+	if n1.phase() != consul.PhaseWaking || len(scaleUps()) != 0 {
+		t.Fatalf("phase %s, scale-ups %v: want a wake record and no Scale", n1.phase(), scaleUps())
+	}
+	n2.agent.OnGroupStates(n2.cluster.all())
+	n2.clock.Advance(100 * time.Millisecond)
+	n2.agent.OnGateEvent(bpf.Event{Kind: bpf.EventCapture, Key: keyB, Source: client, Time: n2.clock.now,
+		Frame: []byte("syn"), FrameLen: 3, Ifindex: 3})
+	n2.tick(time.Second)
+	if len(scaleUps()) != 0 {
+		t.Fatal("node-2 scaled within the takeover time: the first node's Scale may still land")
+	}
+	for range 12 {
+		n2.tick(time.Second)
+	}
+	if ups := scaleUps(); len(ups) != 1 || ups[0] != 1 {
+		t.Fatalf("scale-ups %v, want node-2's one, to 1", ups)
+	}
+	st, _ := n2.cluster.GroupState(web.Key())
+	if st.Phase != consul.PhaseWaking || st.By != "node-2" {
+		t.Fatalf("record %s by %s, want waking by node-2", st.Phase, st.By)
+	}
+	if n2.gate.state(keyB) != bpf.StateParked {
+		t.Fatal("node-2 opened before anything listens")
 	}
 }
 

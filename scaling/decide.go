@@ -1,6 +1,7 @@
 package scaling
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 	"sort"
@@ -31,6 +32,11 @@ type recordView struct {
 	oldAllocsRunning bool
 	// wakingHere: this node runs the wake and enforces its deadline.
 	wakingHere bool
+	// clientsWaiting: this node dropped SYNs for the group since the
+	// record last changed; wakeTakeover is how long a wake may leave the
+	// count at 0 before such a node takes it over.
+	clientsWaiting bool
+	wakeTakeover   time.Duration
 	// settle is how long a Scale takes to show in Nomad and the catalog;
 	// parkAbandon is how long a parking may last before anyone undoes it.
 	settle      time.Duration
@@ -41,6 +47,8 @@ type recordView struct {
 type recordRepair struct {
 	next consul.GroupState
 	why  string
+	// takeOver: this node becomes the wake's owner and scales the group.
+	takeOver bool
 }
 
 // decideRecord derives what the group's record must say from Nomad's count
@@ -115,8 +123,20 @@ func decideRecord(v recordView) (recordRepair, bool) {
 		next.Reason = fmt.Sprintf("count raised to %d outside zeroscale", desired)
 		return recordRepair{next: next, why: next.Reason}, true
 	case consul.PhaseWaking:
-		if v.wakingHere || age <= v.policy.WakeTimeout+v.settle {
+		if v.wakingHere {
 			return recordRepair{}, false // the waker enforces its own deadline
+		}
+		if desired == 0 && v.clientsWaiting && age > v.wakeTakeover {
+			// The node that began the wake scales at once; a count still
+			// at 0 means it died (or cannot reach Nomad) before it did.
+			// Clients here wait on it: take the wake over.
+			next := cur
+			next.Since = v.now
+			next.Reason = fmt.Sprintf("wake taken over from %s: count still 0 after %s", cmp.Or(cur.By, "another node"), age.Round(time.Second))
+			return recordRepair{next: next, why: next.Reason, takeOver: true}, true
+		}
+		if age <= v.policy.WakeTimeout+v.settle {
+			return recordRepair{}, false
 		}
 		if desired > 0 {
 			return awake("not ready within wake_timeout; gate opened so clients are served or refused, never held")

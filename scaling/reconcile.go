@@ -73,6 +73,10 @@ func (a *Agent) reconcile(g *group, now time.Time) {
 	a.cfg.Metrics.Repairs.WithLabelValues(string(r.next.Phase)).Inc()
 	if err := a.change(g, r.next); err != nil {
 		a.logger.Debug("the group's record changed meanwhile", "group", g.id.String(), "error", err)
+		return
+	}
+	if r.takeOver {
+		a.takeOverWake(g, now)
 	}
 }
 
@@ -80,6 +84,7 @@ func (a *Agent) recordViewOf(g *group, now time.Time) recordView {
 	v := recordView{
 		now: now, record: g.state, recordLost: g.recordLost, nomad: g.nomad, policy: *g.policy,
 		known: g.knownAddresses(), wakingHere: g.wake != nil && g.wake.winner,
+		clientsWaiting: g.lastConnect.After(g.state.Since), wakeTakeover: a.cfg.WakeTakeover,
 		settle: a.cfg.ScaleSettle, parkAbandon: 2 * a.cfg.ParkAckTimeout,
 	}
 	for _, inst := range g.liveKeys() {

@@ -32,6 +32,7 @@ func (a *Agent) onConnect(g *group, ev bpf.Event) {
 		return
 	}
 	now := a.clock.Now()
+	g.lastConnect = now
 	switch g.state.Phase {
 	case consul.PhaseAwake:
 		a.syncGate(g) // our gate lags the cluster state
@@ -79,6 +80,23 @@ func (a *Agent) startWake(g *group, ev bpf.Event, now time.Time, mayRetry bool) 
 	a.tryScaleUp(g, now)
 }
 
+// takeOverWake makes this node the owner of a wake whose first owner left
+// the count at 0, and scales the group up.
+func (a *Agent) takeOverWake(g *group, now time.Time) {
+	w := &wakeAttempt{firstSYN: g.lastConnect, started: now, deadline: now.Add(g.policy.WakeTimeout), winner: true}
+	for _, list := range g.captures {
+		for _, c := range list {
+			if w.from == (netip.AddrPort{}) || c.at.Before(w.firstSYN) {
+				w.firstSYN, w.from = c.at, c.source
+			}
+		}
+	}
+	g.wake = w
+	a.cfg.Metrics.Repairs.WithLabelValues("wake_taken_over").Inc()
+	a.logger.Info("taking over a wake that left the count at 0", "group", g.id.String(), "begun_by", g.state.By)
+	a.tryScaleUp(g, now)
+}
+
 // tryScaleUp scales the group to wake_count if Nomad still has it at zero.
 func (a *Agent) tryScaleUp(g *group, now time.Time) {
 	w := g.wake
@@ -119,10 +137,12 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 		return
 	}
 	count := g.policy.WakeCount
-	msg := "zeroscale: wake on connect from " + w.from.String()
-	err = a.cfg.Nomad.Scale(g.id, &count, msg, false, map[string]any{
-		"zeroscale": "wake", "node": a.node, "source": w.from.String(),
-	})
+	msg, meta := "zeroscale: wake on connect", map[string]any{"zeroscale": "wake", "node": a.node}
+	if w.from.IsValid() {
+		msg += " from " + w.from.String()
+		meta["source"] = w.from.String()
+	}
+	err = a.cfg.Nomad.Scale(g.id, &count, msg, false, meta)
 	g.nomad.at = time.Time{}
 	if err == nil {
 		w.scaled = true
