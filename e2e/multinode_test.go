@@ -1,11 +1,8 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -23,15 +20,14 @@ const multiNodeIdle = 10 * time.Second
 func TestMultiNode(t *testing.T) {
 	t.Parallel()
 	m := harness.NewMultiNode(t, harness.MultiNodeOptions{Nodes: 3})
-	spread := harness.RepoRoot(t) + "/e2e/testdata/spread.nomad.hcl"
 
 	t.Run("a storm to every node is served by each node's own replay", func(t *testing.T) {
-		g := runSpread(t, m, spread, "storm", m.Nodes)
-		g.waitAsleep(t, 90*time.Second)
+		g := m.RunSpread(t, "storm", m.Nodes, multiNodeIdle)
+		g.WaitAsleep(t, 90*time.Second)
 
 		const clients = 80
 		began := time.Now()
-		results := harness.Storm(m.Client, g.addrs(), clients, 30*time.Second)
+		results := harness.Storm(m.Client, g.Addrs(), clients, 30*time.Second)
 		var lat []time.Duration
 		served := map[netip.AddrPort]int{}
 		for _, r := range results {
@@ -47,7 +43,7 @@ func TestMultiNode(t *testing.T) {
 			t.Fatalf("%d of %d clients were not served\n%s", clients-len(lat), clients, m.Diagnose(t))
 		}
 		awake := time.Now()
-		if n := harness.CountScaleTo(m.ScaleEvents(t, g.job, "web"), int64(len(m.Nodes))); n != 1 {
+		if n := harness.CountScaleTo(m.ScaleEvents(t, g.Job, "web"), int64(len(m.Nodes))); n != 1 {
 			t.Fatalf("%d scale-ups for one storm, want 1\n%s", n, m.Diagnose(t))
 		}
 		time.Sleep(time.Second) // replays finish off the agents' loops
@@ -61,10 +57,10 @@ func TestMultiNode(t *testing.T) {
 
 		// The next sleep comes at idle_timeout, not after a retry the
 		// wake's own deployment forced.
-		g.waitAsleep(t, multiNodeIdle+30*time.Second)
+		g.WaitAsleep(t, multiNodeIdle+30*time.Second)
 		after := time.Since(awake)
 		t.Logf("asleep again %v after the storm was served (idle_timeout %v)", after.Round(100*time.Millisecond), multiNodeIdle)
-		for _, e := range m.ScaleEvents(t, g.job, "web") {
+		for _, e := range m.ScaleEvents(t, g.Job, "web") {
 			if e.Error && strings.Contains(e.Message, "deployment") {
 				t.Errorf("a scale-down was refused by a deployment: %s", e.Message)
 			}
@@ -73,70 +69,70 @@ func TestMultiNode(t *testing.T) {
 			t.Errorf("asleep %v after the wake: more than idle_timeout (%v) + 15 s", after, multiNodeIdle)
 		}
 	})
-}
 
-// spreadGroup is a running spread job: one instance per node.
-type spreadGroup struct {
-	m     *harness.MultiNode
-	job   string
-	port  int
-	nodes []*harness.ClusterNode
-}
-
-// runSpread runs the spread job as job on nodes, on one static port, and
-// waits until an instance is healthy on each.
-func runSpread(t *testing.T, m *harness.MultiNode, file, job string, nodes []*harness.ClusterNode) *spreadGroup {
-	t.Helper()
-	port := harness.FreePorts(t, 1)[0]
-	names := make([]string, len(nodes))
-	for i, n := range nodes {
-		names[i] = n.Name
-	}
-	list, _ := json.Marshal(names)
-	src, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	named := filepath.Join(t.TempDir(), job+".nomad.hcl")
-	if err := os.WriteFile(named, []byte(strings.Replace(string(src), `job "spread"`, fmt.Sprintf("job %q", job), 1)), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	m.Run(t, named, map[string]string{"nodes": string(list), "port": fmt.Sprint(port),
-		"idle_timeout": multiNodeIdle.String()})
-	m.WaitHealthyOn(t, job, nodes, 120*time.Second)
-	return &spreadGroup{m: m, job: job, port: port, nodes: nodes}
-}
-
-// addrs are the group's addresses, one per node.
-func (g *spreadGroup) addrs() []netip.AddrPort {
-	var out []netip.AddrPort
-	for _, n := range g.nodes {
-		out = append(out, netip.AddrPortFrom(n.Addr, uint16(g.port)))
-	}
-	return out
-}
-
-// waitAsleep waits until the group's count is 0, nothing of it runs and
-// Consul holds a placeholder at each of its addresses.
-func (g *spreadGroup) waitAsleep(t *testing.T, timeout time.Duration) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		st := g.m.ScaleStatus(t, g.job, "web")
-		held := g.m.Placeholders(t, g.job)
-		all := st.Desired == 0 && st.Running == 0
-		for _, a := range g.addrs() {
-			all = all && slices.Contains(held, a)
+	t.Run("the leader's node killed while a group is parking", func(t *testing.T) {
+		leader := m.NodeNamed(t, m.Leader(t))
+		var others []*harness.ClusterNode
+		for _, n := range m.Alive() {
+			if n != leader {
+				others = append(others, n)
+			}
 		}
-		if all {
-			return
+		g := m.RunSpread(t, "parking", others, multiNodeIdle)
+		m.WaitRecord(t, g.Job, "web", 60*time.Second, "parking")
+		leader.Kill()
+		rec := m.WaitRecord(t, g.Job, "web", time.Second, "parking", "asleep", "awake")
+		t.Logf("killed the leader %s; the record then said %s (%s)", leader.Name, rec.Phase, rec.Reason)
+
+		// Another node leads, and the group sleeps, wakes and is served on
+		// every node left.
+		g.WaitAsleep(t, 90*time.Second)
+		if now := m.Leader(t); now == "" || now == leader.Name {
+			t.Errorf("leader after the kill: %q", now)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s not asleep within %v (desired %d, running %d, placeholders %v)\n%s",
-				g.job, timeout, st.Desired, st.Running, held, g.m.Diagnose(t))
+		served := 0
+		for _, r := range harness.Storm(m.Client, g.Addrs(), 4, 30*time.Second) {
+			if r.Err != nil {
+				t.Errorf("client to %s: %v", r.Target, r.Err)
+				continue
+			}
+			served++
 		}
-		time.Sleep(250 * time.Millisecond)
-	}
+		if served != 4 {
+			t.Fatalf("%d of 4 clients served after the leader died\n%s", served, m.Diagnose(t))
+		}
+	})
+
+	t.Run("the waking node killed mid-wake", func(t *testing.T) {
+		alive := m.Alive()
+		if len(alive) < 2 {
+			t.Fatalf("%d nodes left, want 2", len(alive))
+		}
+		g := m.RunSpread(t, "midwake", alive[:2], multiNodeIdle)
+		waker, other := g.Nodes[0], g.Nodes[1]
+		g.WaitAsleep(t, 90*time.Second)
+		began := time.Now()
+		// A client of the waker alone starts the wake there.
+		go harness.Storm(m.Client, g.Addrs()[:1], 1, 5*time.Second)
+		rec := m.WaitRecord(t, g.Job, "web", 30*time.Second, "waking")
+		waker.Kill()
+		scaled := m.ScaleStatus(t, g.Job, "web").Desired > 0
+		t.Logf("killed %s %v after its client's connect; record by %s; count already raised: %v",
+			waker.Name, time.Since(began).Round(time.Millisecond), rec.By, scaled)
+
+		// The other node's clients are served: by its own instance if the
+		// Scale landed, after it takes the wake over if not.
+		results := harness.Storm(m.Client, g.Addrs()[1:], 3, 60*time.Second)
+		for _, r := range results {
+			if r.Err != nil {
+				t.Fatalf("client of %s: %v\n%s", other.Name, r.Err, m.Diagnose(t))
+			}
+		}
+		t.Logf("%s's clients served; connect %s", other.Name, percentiles([]time.Duration{results[0].Connect, results[1].Connect, results[2].Connect}))
+		if n := harness.CountScaleTo(m.ScaleEvents(t, g.Job, "web"), 2); n != 1 {
+			t.Errorf("%d scale-ups, want 1\n%s", n, m.Diagnose(t))
+		}
+	})
 }
 
 // percentiles formats p50/p90/max of ds.

@@ -379,6 +379,37 @@ func TestAWakeWhoseNodeDiedBeforeItsScaleIsTakenOver(t *testing.T) {
 	}
 }
 
+// A node whose address the group did not come back at cannot serve the
+// SYNs it holds: they are counted as woke_elsewhere, not as a replay that
+// fell back to the client's retransmit.
+func TestSYNsHeldWhereNoInstanceWokeAreCountedAsWokeElsewhere(t *testing.T) {
+	n1, n2, _, keyB := twoNodesAsleep(t)
+	n2.agent.OnGateEvent(bpf.Event{Kind: bpf.EventCapture, Key: keyB, Source: client, Time: n2.clock.now,
+		Frame: []byte("syn"), FrameLen: 3, Ifindex: 3})
+	if n2.phase() != consul.PhaseWaking {
+		t.Fatalf("phase %s, want waking", n2.phase())
+	}
+	// The group comes back on node-1 only, and node-1 declares it awake.
+	n1.agent.OnGroupStates(n1.cluster.all())
+	n1.agent.OnInstances("web", []consul.Instance{instance("web", svcAddr, "node-1", "alloc-new", true)})
+	n1.agent.OnGateEvent(bpf.Event{Kind: bpf.EventListen, Key: svcKey, Time: n1.clock.now})
+	if n1.phase() != consul.PhaseAwake {
+		t.Fatalf("phase %s after node-1's listener, want awake", n1.phase())
+	}
+	// Nothing listens at node-2's address: every try says so, for the
+	// second the replay retries.
+	for range 2000 {
+		n2.gate.replayResults = append(n2.gate.replayResults, bpf.ReplayNoListener)
+	}
+	n2.agent.OnInstances("web", []consul.Instance{instance("web", svcAddr, "node-1", "alloc-new", true)})
+	n2.agent.OnGroupStates(n2.cluster.all())
+	elsewhere := counterValue(t, n2.agent.cfg.Metrics.Replays.WithLabelValues("woke_elsewhere"))
+	fallback := counterValue(t, n2.agent.cfg.Metrics.Replays.WithLabelValues("fallback_retransmit"))
+	if elsewhere != 1 || fallback != 0 {
+		t.Fatalf("woke_elsewhere %v, fallback_retransmit %v: want the held SYN counted as woke_elsewhere", elsewhere, fallback)
+	}
+}
+
 func TestWakeDuringDeploymentIsRetried(t *testing.T) {
 	e := awakeEnv(t)
 	e.sleep()

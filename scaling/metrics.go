@@ -52,7 +52,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 		Replays: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "zeroscale_syn_replays_total",
-			Help: "Captured SYNs by replay outcome (passed, already_connected, fallback_retransmit, too_old, unsupported).",
+			Help: "Captured SYNs by replay outcome (passed, already_connected, fallback_retransmit, woke_elsewhere: no instance serves that address now, too_old, unsupported).",
 		}, []string{"result"}),
 		CapturesDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "zeroscale_syn_captures_dropped_total", Help: "Captured SYNs dropped because a parked address held too many.",

@@ -76,7 +76,11 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 		key bpf.Key
 		c   capture
 		via *bpf.ReplayTarget
+		// elsewhere: no instance of the group serves this address; its
+		// clients are refused once the group is healthy on another node.
+		elsewhere bool
 	}
+	live := g.liveKeys()
 	var batch []replayItem
 	var into []Netns // namespaces the batch replays into
 	for _, k := range keys {
@@ -84,8 +88,10 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 		if via != nil && ns.Path != "" && len(g.captures[k]) > 0 && !slices.Contains(into, ns) {
 			into = append(into, ns)
 		}
+		_, here := live[k]
+		here = here || g.readyKeys[k]
 		for _, c := range g.captures[k] {
-			batch = append(batch, replayItem{k, c, via})
+			batch = append(batch, replayItem{k, c, via, !here})
 		}
 		delete(g.captures, k)
 	}
@@ -116,6 +122,9 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 				continue
 			}
 			result := a.replayOne(item.c, item.via)
+			if result == "fallback_retransmit" && item.elsewhere {
+				result = "woke_elsewhere"
+			}
 			counts[result]++
 			if result == "passed" && accepted == 0 {
 				accepted = bpf.MonotonicNow()
@@ -137,7 +146,7 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 		}
 		if len(batch) > 0 {
 			var parts []string
-			for _, r := range []string{"passed", "already_connected", "fallback_retransmit", "unsupported", "too_old"} {
+			for _, r := range []string{"passed", "already_connected", "fallback_retransmit", "woke_elsewhere", "unsupported", "too_old"} {
 				if counts[r] > 0 {
 					parts = append(parts, fmt.Sprintf("%d %s", counts[r], strings.ReplaceAll(r, "_", " ")))
 				}

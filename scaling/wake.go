@@ -93,7 +93,7 @@ func (a *Agent) takeOverWake(g *group, now time.Time) {
 	}
 	g.wake = w
 	a.cfg.Metrics.Repairs.WithLabelValues("wake_taken_over").Inc()
-	a.logger.Info("taking over a wake that left the count at 0", "group", g.id.String(), "begun_by", g.state.By)
+	a.logger.Info("taking over a wake that left the count at 0", "group", g.id.String())
 	a.tryScaleUp(g, now)
 }
 

@@ -59,10 +59,23 @@ func BenchmarkZeroscale(b *testing.B) {
 		b.Skip("run with -benchtime 1x: each measurement sets its own repetitions")
 	}
 	var t table
-	xdpCost(b, &t)
-	warmPath(b, &t)
-	wakeLatency(b, &t)
-	wakeCycles(b, &t, 50)
+	sections := []struct {
+		name string
+		run  func()
+	}{
+		{"xdp", func() { xdpCost(b, &t) }},
+		{"warm", func() { warmPath(b, &t) }},
+		{"wake", func() { wakeLatency(b, &t) }},
+		{"cycles", func() { wakeCycles(b, &t, 50) }},
+		{"multinode", func() { multiNodeStorm(b, &t) }},
+	}
+	// ZS_BENCH_ONLY=name[,name] runs some sections (while working on one).
+	only := os.Getenv("ZS_BENCH_ONLY")
+	for _, s := range sections {
+		if only == "" || slices.Contains(strings.Split(only, ","), s.name) {
+			s.run()
+		}
+	}
 	t.print()
 }
 
@@ -466,4 +479,61 @@ func measureWakes(b *testing.B, c *harness.Cluster, job string, port, n int) []t
 		c.WaitDesired(b, job, job, 1, 60*time.Second)
 	}
 	return out
+}
+
+// ---------------------------------------------------------------- many nodes
+
+// multiNodeStorm times storms of connects to a sleeping group in a
+// two-node cluster (each node its own namespace, Consul agent, Nomad client
+// and plugin): the group on one node, and the group on both nodes with the
+// storm spread over their addresses, in alternating rounds.
+func multiNodeStorm(b *testing.B, t *table) {
+	const rounds, clients = 5, 80
+	m := harness.NewMultiNode(b, harness.MultiNodeOptions{Nodes: 2, OwnCPU: true})
+	groups := []*harness.Spread{
+		m.RunSpread(b, "single", m.Nodes[:1], 3*time.Second),
+		m.RunSpread(b, "double", m.Nodes, 3*time.Second),
+	}
+	latencies := make([][]time.Duration, len(groups))
+	served := make([]int, len(groups))
+	replayed := make([][]float64, len(groups))
+	for i := range groups {
+		replayed[i] = make([]float64, len(m.Nodes))
+	}
+	for range rounds {
+		for i, g := range groups {
+			for _, other := range groups {
+				other.WaitAsleep(b, 120*time.Second)
+			}
+			time.Sleep(500 * time.Millisecond)
+			before := make([]float64, len(m.Nodes))
+			for j, n := range m.Nodes {
+				before[j] = n.Metric(b, `zeroscale_syn_replays_total{result="passed"}`)
+			}
+			for _, r := range harness.Storm(m.Client, g.Addrs(), clients, 30*time.Second) {
+				if r.Err == nil {
+					served[i]++
+					latencies[i] = append(latencies[i], r.Connect)
+				}
+			}
+			time.Sleep(time.Second) // replays finish off the agents' loops
+			for j, n := range m.Nodes {
+				replayed[i][j] += n.Metric(b, `zeroscale_syn_replays_total{result="passed"}`) - before[j]
+			}
+		}
+	}
+	rows := []string{fmt.Sprintf("%-26s %-9s %-7s %-7s %-7s %s", "", "served", "p50", "p90", "max", "SYNs replayed per node")}
+	names := []string{"one node (group on node 1)", "two nodes (one each)"}
+	for i := range groups {
+		var perNode []string
+		for j, n := range m.Nodes {
+			perNode = append(perNode, fmt.Sprintf("%s %.0f", n.Name, replayed[i][j]))
+		}
+		rows = append(rows, fmt.Sprintf("%-26s %4d/%-4d %-7s %-7s %-7s %s", names[i], served[i], rounds*clients,
+			ms(percentile(latencies[i], 50)), ms(percentile(latencies[i], 90)), ms(percentile(latencies[i], 100)),
+			strings.Join(perNode, ", ")))
+	}
+	rows = append(rows, fmt.Sprintf("two-node / one-node connect p50: %.2f×",
+		float64(percentile(latencies[1], 50))/float64(percentile(latencies[0], 50))))
+	t.section(fmt.Sprintf("Storm on many nodes: %d rounds of %d concurrent connects to a sleeping group, two Nomad clients in one cluster (python, replay on)", rounds, clients), rows...)
 }

@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -40,6 +43,7 @@ type MultiNode struct {
 	nomadRPC     string
 	consulSerf   string
 	pluginCfg    string
+	ownCPU       bool
 }
 
 // ClusterNode is one Nomad client node: its namespace, address and agents.
@@ -54,6 +58,7 @@ type ClusterNode struct {
 
 	consul  *process
 	nomad   *process
+	cpu     int // the CPU the node has alone; -1: all
 	dir     string
 	cfgPath string
 	t       testing.TB
@@ -64,6 +69,12 @@ type MultiNodeOptions struct {
 	Nodes int
 	// PluginConfig is added to every node's plugin config block.
 	PluginConfig string
+	// OwnCPU runs node i's agents on CPU i (modulo the CPUs there are), as
+	// if each node were its own machine: a wake on two nodes then does not
+	// compete for the CPUs a wake on one has. (Tasks follow their cgroup's
+	// cpuset: Nomad's own CPU partitioning cannot be split between clients
+	// on cgroup v1.)
+	OwnCPU bool
 }
 
 // NewMultiNode starts the servers and the nodes and waits until every node
@@ -74,7 +85,7 @@ func NewMultiNode(t testing.TB, opts MultiNodeOptions) *MultiNode {
 	Binary(t, "consul")
 	BuildPlugin(t)
 	lan := testnet.NewLAN(t, opts.Nodes+1)
-	m := &MultiNode{LAN: lan, Client: lan.Members[opts.Nodes], pluginCfg: opts.PluginConfig}
+	m := &MultiNode{LAN: lan, Client: lan.Members[opts.Nodes], pluginCfg: opts.PluginConfig, ownCPU: opts.OwnCPU}
 	m.startConsulServer(t)
 	m.startNomadServer(t)
 	for i := range opts.Nodes {
@@ -84,8 +95,12 @@ func NewMultiNode(t testing.TB, opts MultiNodeOptions) *MultiNode {
 			Addr:        lan.Members[i].PeerAddr,
 			PinPath:     fmt.Sprintf("/sys/fs/bpf/zs-e2e-%d-%s-n%d", os.Getpid(), lan.Bridge, i+1),
 			MetricsPort: 9464,
+			cpu:         -1,
 			dir:         t.TempDir(),
 			t:           t,
+		}
+		if opts.OwnCPU {
+			node.cpu = i % runtime.NumCPU()
 		}
 		m.Nodes = append(m.Nodes, node)
 		m.startNode(t, node)
@@ -243,7 +258,7 @@ client {
   enabled           = true
   servers           = [%q]
   network_interface = %q
-  cgroup_parent     = "zs-e2e-%d-%s.slice"
+  cgroup_parent     = %q
   gc_interval       = "1h"
   options = {
     "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
@@ -269,7 +284,7 @@ plugin "nomad-driver-zeroscale" {
 %s
   }
 }
-`, n.Name, dataDir, pluginDir, n.Addr, n.Addr, n.Addr, m.nomadRPC, n.Net.PeerIf, os.Getpid(), n.Name,
+`, n.Name, dataDir, pluginDir, n.Addr, n.Addr, n.Addr, m.nomadRPC, n.Net.PeerIf, cgroupParent(fmt.Sprintf("zs-e2e-%d-%s", os.Getpid(), n.Name)),
 		n.PinPath, n.Net.PeerIf, n.MetricsPort, m.pluginCfg)
 	n.cfgPath = filepath.Join(n.dir, "nomad.hcl")
 	if err := os.WriteFile(n.cfgPath, []byte(nomadCfg), 0o600); err != nil {
@@ -277,8 +292,8 @@ plugin "nomad-driver-zeroscale" {
 	}
 	// nsenter, not `ip netns exec`: that remounts /sys, and the Nomad
 	// client would not find its cgroups.
-	n.consul = startProcess(t, n.Name+" consul", cleanEnv(), "nsenter", "--net="+n.Net.Path(),
-		Binary(t, "consul"), "agent", "-config-file", consulCfgPath)
+	n.consul = startProcess(t, n.Name+" consul", cleanEnv(), "nsenter", n.onCPU("--net="+n.Net.Path(),
+		Binary(t, "consul"), "agent", "-config-file", consulCfgPath)...)
 	n.startNomad()
 	t.Cleanup(func() {
 		n.Kill()
@@ -293,9 +308,20 @@ plugin "nomad-driver-zeroscale" {
 }
 
 func (n *ClusterNode) startNomad() {
-	n.nomad = startProcess(n.t, n.Name+" nomad", cleanEnv(), "nsenter", "--net="+n.Net.Path(),
-		Binary(n.t, "nomad"), "agent", "-config", n.cfgPath)
+	n.nomad = startProcess(n.t, n.Name+" nomad", cleanEnv(), "nsenter", n.onCPU("--net="+n.Net.Path(),
+		Binary(n.t, "nomad"), "agent", "-config", n.cfgPath)...)
 }
+
+// onCPU prefixes a command line run under nsenter with taskset when the
+// node has a CPU of its own.
+func (n *ClusterNode) onCPU(args ...string) []string {
+	if n.cpu < 0 {
+		return args
+	}
+	return append([]string{args[0], "taskset", "-c", strconv.Itoa(n.cpu)}, args[1:]...)
+}
+
+
 
 // Kill ends the node at once, as a power cut would: its Nomad client, the
 // plugin, its Consul agent and the tasks it ran.
@@ -603,4 +629,125 @@ func Storm(client *testnet.Net, targets []netip.AddrPort, n int, timeout time.Du
 		<-done
 	}
 	return results
+}
+
+// GroupRecord is the plugin's record of a group, as far as tests read it.
+type GroupRecord struct {
+	Phase  string `json:"phase"`
+	By     string `json:"by"`
+	Reason string `json:"reason"`
+}
+
+// WaitRecord waits, with blocking queries, until the record of
+// job/group says one of phases, and returns it.
+func (m *MultiNode) WaitRecord(t testing.TB, job, group string, timeout time.Duration, phases ...string) GroupRecord {
+	t.Helper()
+	key := "zeroscale/groups/default/" + job + "/" + group
+	deadline := time.Now().Add(timeout)
+	var index uint64
+	var last GroupRecord
+	for time.Now().Before(deadline) {
+		pair, meta, err := m.Consul.KV().Get(key, &capi.QueryOptions{WaitIndex: index, WaitTime: time.Until(deadline)})
+		if err != nil {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		index = meta.LastIndex
+		if pair == nil {
+			continue
+		}
+		if err := json.Unmarshal(pair.Value, &last); err != nil {
+			t.Fatalf("the record of %s/%s: %v", job, group, err)
+		}
+		if slices.Contains(phases, last.Phase) {
+			return last
+		}
+	}
+	t.Fatalf("the record of %s/%s did not say %v within %v (last: %+v)\n%s", job, group, phases, timeout, last, m.Diagnose(t))
+	return last
+}
+
+// Alive lists the nodes still running.
+func (m *MultiNode) Alive() []*ClusterNode {
+	var out []*ClusterNode
+	for _, n := range m.Nodes {
+		if n.Alive() {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// Spread is a running job of e2e/testdata/spread.nomad.hcl: one instance
+// per node, at one static port on each node's address.
+type Spread struct {
+	m     *MultiNode
+	Job   string // also its service's name; its group is "web"
+	Port  int
+	Nodes []*ClusterNode
+}
+
+// RunSpread runs the spread job as job on nodes, on a free port, with an
+// idle_timeout, and waits until an instance is healthy on each node.
+func (m *MultiNode) RunSpread(t testing.TB, job string, nodes []*ClusterNode, idle time.Duration) *Spread {
+	t.Helper()
+	port := FreePorts(t, 1)[0]
+	names := make([]string, len(nodes))
+	for i, n := range nodes {
+		names[i] = n.Name
+	}
+	list, _ := json.Marshal(names)
+	src, err := os.ReadFile(filepath.Join(RepoRoot(t), "e2e", "testdata", "spread.nomad.hcl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The job's ID is its label: rewrite it.
+	named := filepath.Join(t.TempDir(), job+".nomad.hcl")
+	if err := os.WriteFile(named, []byte(strings.Replace(string(src), `job "spread"`, fmt.Sprintf("job %q", job), 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m.Run(t, named, map[string]string{"nodes": string(list), "port": strconv.Itoa(port), "idle_timeout": idle.String()})
+	m.WaitHealthyOn(t, job, nodes, 120*time.Second)
+	return &Spread{m: m, Job: job, Port: port, Nodes: nodes}
+}
+
+// Addrs are the group's addresses, one per node.
+func (g *Spread) Addrs() []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, n := range g.Nodes {
+		out = append(out, netip.AddrPortFrom(n.Addr, uint16(g.Port)))
+	}
+	return out
+}
+
+// WaitAsleep waits until the group's count is 0, nothing of it runs and
+// Consul holds a placeholder at each of its addresses.
+func (g *Spread) WaitAsleep(t testing.TB, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st := g.m.ScaleStatus(t, g.Job, "web")
+		held := g.m.Placeholders(t, g.Job)
+		all := st.Desired == 0 && st.Running == 0
+		for _, a := range g.Addrs() {
+			all = all && slices.Contains(held, a)
+		}
+		if all {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not asleep within %v (desired %d, running %d, placeholders %v)\n%s",
+				g.Job, timeout, st.Desired, st.Running, held, g.m.Diagnose(t))
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// cgroupParent names a Nomad client's own cgroup parent: a slice on cgroup
+// v2, a path on v1 (clients sharing one would fight over its cpuset).
+func cgroupParent(name string) string {
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+		return name + ".slice"
+	}
+	return "/" + name
 }
