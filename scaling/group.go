@@ -56,7 +56,7 @@ type group struct {
 	lastReportT time.Time
 	wake        *wakeAttempt
 	captures    map[bpf.Key][]capture
-	lastConnect time.Time // the last SYN this node dropped for the group
+	lastConnect time.Time                     // the last SYN this node dropped for the group
 	registered  map[string]consul.Placeholder // placeholders this node keeps
 	awakeAt     time.Time
 	// netns: allocations with their own network namespace, by id;

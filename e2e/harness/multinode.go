@@ -321,8 +321,6 @@ func (n *ClusterNode) onCPU(args ...string) []string {
 	return append([]string{args[0], "taskset", "-c", strconv.Itoa(n.cpu)}, args[1:]...)
 }
 
-
-
 // Kill ends the node at once, as a power cut would: its Nomad client, the
 // plugin, its Consul agent and the tasks it ran.
 func (n *ClusterNode) Kill() {
