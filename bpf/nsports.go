@@ -88,13 +88,26 @@ type ReplayTarget struct {
 	NetnsID int32
 	Addr    netip.Addr
 	Port    uint16
+	// Forward: the address forwards to where the service woke (the
+	// kernel's NAT takes the SYN there); there is no listener here to wait
+	// for, and the frame enters the stack at once.
+	Forward bool
 }
+
+// The modes of struct replay_target.
+const (
+	replayLookupInNetns = 1
+	replayForward       = 2
+)
 
 func (t *ReplayTarget) bpf() zeroscaleReplayTarget {
 	if t == nil {
 		return zeroscaleReplayTarget{}
 	}
-	out := zeroscaleReplayTarget{NetnsId: t.NetnsID, Set: 1, Port: htons(t.Port)}
+	if t.Forward {
+		return zeroscaleReplayTarget{Set: replayForward}
+	}
+	out := zeroscaleReplayTarget{NetnsId: t.NetnsID, Set: replayLookupInNetns, Port: htons(t.Port)}
 	if t.Addr.IsValid() && !t.Addr.IsUnspecified() {
 		out.Addr = t.Addr.As16()
 	}

@@ -2,11 +2,14 @@ package bpf
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 
+	"github.com/zeroscale/nomad-driver-zeroscale/internal/nat"
 	"github.com/zeroscale/nomad-driver-zeroscale/internal/testnet"
 )
 
@@ -161,5 +164,74 @@ func TestReplayRefusesGarbage(t *testing.T) {
 	}
 	if _, err := g.Replay([]byte("short"), 1, nil); err == nil {
 		t.Fatal("replay of 5 bytes succeeded")
+	}
+}
+
+// An address whose service woke at another port forwards there (the
+// kernel's NAT): its captured SYN is replayed with no listener of its own
+// to wait for, and the client's original connect completes at the new port.
+func TestReplayThroughAForward(t *testing.T) {
+	n := testnet.NewIPv4(t)
+	g := loadGate(t, Options{ReportInterval: time.Second, CaptureSYNs: true})
+	attach(t, g, n.HostIf)
+	parked := netip.AddrPortFrom(n.HostAddr, freePort(t, n.HostAddr))
+	moved := netip.AddrPortFrom(n.HostAddr, freePort(t, n.HostAddr))
+	k := KeyFrom(parked)
+	if err := g.Park(k); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	began := time.Now()
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, err := n.Dial(ctx, "tcp", parked.String())
+		if err == nil {
+			c.Close()
+		}
+		done <- err
+	}()
+	var captured Event
+	for captured.Frame == nil {
+		select {
+		case ev := <-g.Events():
+			if ev.Is(EventCapture) && ev.Key == k {
+				captured = ev
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("no capture event for the client's SYN")
+		}
+	}
+
+	echoServer(t, moved.String())
+	if res, err := g.Replay(captured.Frame, captured.Ifindex, nil); err != nil || res != ReplayNoListener {
+		t.Fatalf("replay at the parked address itself: %v %v, want no listener", res, err)
+	}
+	table, err := nat.Open(fmt.Sprintf("zs-bpf-test-%d", os.Getpid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = table.Delete(); table.Close() })
+	if err := table.Forward(parked, moved); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Open(k); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := g.Replay(captured.Frame, captured.Ifindex, &ReplayTarget{Forward: true}); err != nil || res != ReplayPassed {
+		t.Fatalf("replay through the forward: %v %v", res, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("client connect: %v", err)
+	}
+	took := time.Since(began)
+	// The client's own retransmit comes at 1 s: before it, only the
+	// replayed SYN can have connected it.
+	if took >= 900*time.Millisecond {
+		t.Fatalf("connect() took %v: the replayed SYN did not go through the forward", took)
+	}
+	fwds, err := table.Forwards()
+	if err != nil || fwds[parked].Connections != 1 {
+		t.Fatalf("forwards %+v %v, want the replayed connection counted once", fwds, err)
 	}
 }

@@ -3,12 +3,14 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/zeroscale/nomad-driver-zeroscale/e2e/harness"
+	"github.com/zeroscale/nomad-driver-zeroscale/internal/nat"
 )
 
 // The multi-node suite: three Nomad clients, each in a namespace of its own
@@ -19,7 +21,8 @@ const multiNodeIdle = 10 * time.Second
 
 func TestMultiNode(t *testing.T) {
 	t.Parallel()
-	m := harness.NewMultiNode(t, harness.MultiNodeOptions{Nodes: 3})
+	m := harness.NewMultiNode(t, harness.MultiNodeOptions{Nodes: 3,
+		PluginConfig: fmt.Sprintf("forward_grace = %q\n", anywhereGrace)})
 
 	t.Run("a storm to every node is served by each node's own replay", func(t *testing.T) {
 		g := m.RunSpread(t, "storm", m.Nodes, multiNodeIdle)
@@ -67,6 +70,77 @@ func TestMultiNode(t *testing.T) {
 		}
 		if after > multiNodeIdle+15*time.Second {
 			t.Errorf("asleep %v after the wake: more than idle_timeout (%v) + 15 s", after, multiNodeIdle)
+		}
+	})
+
+	t.Run("a group that wakes on another node is served through the node it slept on", func(t *testing.T) {
+		nodes := m.Alive()[:2]
+		m.Run(t, harness.TestdataJob(t, "dynamic", "anywhere"), map[string]string{
+			"nodes": harness.NodeList(nodes), "idle_timeout": multiNodeIdle.String()})
+		old := waitCatalogMoved(t, m.Consul.Health(), "anywhere", netip.AddrPort{}, 120*time.Second)
+		var slept, other *harness.ClusterNode
+		for _, n := range nodes {
+			if n.Addr == old.Addr() {
+				slept = n
+			} else {
+				other = n
+			}
+		}
+		m.WaitAsleep(t, "anywhere", []netip.AddrPort{old}, 90*time.Second)
+		// The node it slept on takes no new allocation: it wakes on the
+		// other one.
+		if out, err := m.CLI(t, "node", "eligibility", "-disable", nodeID(t, m, slept.Name)); err != nil {
+			t.Fatalf("node eligibility: %v\n%s", err, out)
+		}
+		t.Cleanup(func() { _, _ = m.CLI(t, "node", "eligibility", "-enable", nodeID(t, m, slept.Name)) })
+
+		results := harness.Storm(m.Client, []netip.AddrPort{old}, 1, 30*time.Second)
+		if r := results[0]; r.Err != nil || !strings.Contains(r.Body, other.Name) {
+			t.Fatalf("first request to %s (where it slept, on %s): %q %v, want it served by %s\n%s",
+				old, slept.Name, r.Body, r.Err, other.Name, m.Diagnose(t))
+		}
+		woke := time.Now()
+		t.Logf("first request to %s on %s answered by %s: connect %v", old, slept.Name, other.Name, results[0].Connect.Round(time.Millisecond))
+		moved := waitCatalogMoved(t, m.Consul.Health(), "anywhere", old, 30*time.Second)
+		if moved.Addr() != other.Addr {
+			t.Fatalf("the catalog shows %s, want an instance on %s", moved, other.Name)
+		}
+		if r := harness.Storm(m.Client, []netip.AddrPort{moved}, 1, 10*time.Second)[0]; r.Err != nil {
+			t.Fatalf("request to the new catalog address %s: %v", moved, r.Err)
+		}
+		keepAwake(t, m.Client.Dial, moved)
+
+		// After forward_grace nothing is left on the node it slept on,
+		// and its old address refuses at once.
+		var gone error
+		err := slept.Net.Do(func() error {
+			table, err := nat.Open("zeroscale-" + filepath.Base(slept.PinPath))
+			if err != nil {
+				return err
+			}
+			defer table.Close()
+			deadline := woke.Add(anywhereGrace + 15*time.Second)
+			for {
+				fwds, err := table.Forwards()
+				if err != nil {
+					return err
+				}
+				if _, ok := fwds[old]; !ok {
+					return nil
+				}
+				if time.Now().After(deadline) {
+					gone = fmt.Errorf("%s still forwards to %v after forward_grace", old, fwds[old].To)
+					return nil
+				}
+				time.Sleep(500 * time.Millisecond)
+			}
+		})
+		if err != nil || gone != nil {
+			t.Fatalf("the forward on %s: %v %v", slept.Name, err, gone)
+		}
+		t.Logf("forward gone %v after the wake (forward_grace %v)", time.Since(woke).Round(time.Second), anywhereGrace)
+		if err := refusedAt(m.Client.Dial, old); err != nil {
+			t.Fatal(err)
 		}
 	})
 
@@ -144,4 +218,21 @@ func percentiles(ds []time.Duration) string {
 	slices.Sort(s)
 	at := func(p float64) time.Duration { return s[min(len(s)-1, int(p*float64(len(s))))] }
 	return fmt.Sprintf("p50 %v p90 %v max %v", at(0.5).Round(time.Millisecond), at(0.9).Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond))
+}
+
+
+// nodeID is the Nomad node ID of the node called name.
+func nodeID(t *testing.T, m *harness.MultiNode, name string) string {
+	t.Helper()
+	nodes, _, err := m.API.Nodes().List(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if n.Name == name {
+			return n.ID
+		}
+	}
+	t.Fatalf("no Nomad node %s", name)
+	return ""
 }

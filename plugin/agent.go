@@ -122,6 +122,14 @@ func (a *nodeAgent) run(ctx context.Context) {
 		a.logger.Error("cannot read the node's network namespace", "error", err)
 		return
 	}
+	// Without NAT a parked address the group did not come back at refuses
+	// (a RST) instead of forwarding: the group is served all the same.
+	var fwd scaling.Forwarder
+	if f, err := newForwarder(s.BPFPinPath, a.logger.Named("forward")); err != nil {
+		a.logger.Warn("cannot use the kernel's NAT; an address whose group woke elsewhere refuses instead of forwarding", "error", err)
+	} else {
+		fwd = f
+	}
 	placeholders := cc.NewPlaceholders(consul.PlaceholderOptions{})
 	cluster := &consul.Cluster{Client: cc, Placeholders: placeholders, Node: node}
 	agent := scaling.NewAgent(scaling.Config{
@@ -136,6 +144,8 @@ func (a *nodeAgent) run(ctx context.Context) {
 		GateReady:     a.gateReady,
 		ListenerAlloc: listenerAlloc(a.logger),
 		Namespaces:    namespaces,
+		Forwarder:     fwd,
+		ForwardGrace:  s.forwardGrace,
 	})
 	cluster.Leader = cc.NewLeader(consul.LeaderOptions{Name: node}, func(leader bool) {
 		agent.Do(ctx, func() { agent.OnLeader(leader) })

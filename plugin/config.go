@@ -36,6 +36,10 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		hclspec.NewAttr("syn_max_age", "string", false),
 		hclspec.NewLiteral(`"60s"`),
 	),
+	"forward_grace": hclspec.NewDefault(
+		hclspec.NewAttr("forward_grace", "string", false),
+		hclspec.NewLiteral(`"5m"`),
+	),
 	"dry_run": hclspec.NewDefault(
 		hclspec.NewAttr("dry_run", "bool", false),
 		hclspec.NewLiteral("false"),
@@ -72,6 +76,7 @@ type Config struct {
 	HealthCheckProcesses []string          `codec:"health_check_processes"`
 	SYNReplay            bool              `codec:"syn_replay"`
 	SYNMaxAge            string            `codec:"syn_max_age"`
+	ForwardGrace         string            `codec:"forward_grace"`
 	DryRun               bool              `codec:"dry_run"`
 	BPFPinPath           string            `codec:"bpf_pin_path"`
 	Nomad                NomadConfig       `codec:"nomad"`
@@ -105,6 +110,7 @@ type settings struct {
 	ignoreSources []netip.Prefix
 	gateModes     map[string]bpf.AttachMode
 	synMaxAge     time.Duration
+	forwardGrace  time.Duration
 }
 
 // validate checks every field; errors name the field as written in HCL.
@@ -169,6 +175,11 @@ func (c Config) validate() (settings, error) {
 	if c.SYNMaxAge != "" {
 		if s.synMaxAge, err = time.ParseDuration(c.SYNMaxAge); err != nil || s.synMaxAge < time.Second {
 			fail("syn_max_age", "%q is not a duration of at least 1s", c.SYNMaxAge)
+		}
+	}
+	if c.ForwardGrace != "" {
+		if s.forwardGrace, err = time.ParseDuration(c.ForwardGrace); err != nil || s.forwardGrace < time.Second {
+			fail("forward_grace", "%q is not a duration of at least 1s", c.ForwardGrace)
 		}
 	}
 	if c.BPFPinPath != "" && !strings.HasPrefix(filepath.Clean(c.BPFPinPath), bpf.BPFFSRoot+"/") {

@@ -7,7 +7,7 @@ import (
 
 // configFields are the names a config error may start with.
 var configFields = []string{"interfaces[", "gate_mode[", "metrics_address", "wake_from", "ignore_sources",
-	"health_check_processes", "syn_max_age", "bpf_pin_path", "nomad.address", "consul.address",
+	"health_check_processes", "syn_max_age", "forward_grace", "bpf_pin_path", "nomad.address", "consul.address",
 	"consul.kv_prefix", "consul.cert_file"}
 
 // FuzzConfigValidate: any plugin config is accepted or refused with errors

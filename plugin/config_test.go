@@ -98,6 +98,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		`health_check_processes = ["a-very-long-process-name"]`: "health_check_processes[0]:",
 		`syn_max_age = "soon"`:                                  "syn_max_age:",
 		`syn_max_age = "10ms"`:                                  "syn_max_age:",
+		`forward_grace = "forever"`:                             "forward_grace:",
 		`bpf_pin_path = "relative"`:                             "bpf_pin_path:",
 		`bpf_pin_path = "/tmp/zeroscale"`:                       `bpf_pin_path: "/tmp/zeroscale" must be a directory below /sys/fs/bpf`,
 		`bpf_pin_path = "/sys/fs/bpf/../../tmp"`:                "bpf_pin_path:",

@@ -32,6 +32,10 @@ func Serve() {
 				fmt.Fprintln(os.Stderr, "uninstall:", err)
 				os.Exit(1)
 			}
+			if err := removeForwards(path); err != nil {
+				fmt.Fprintln(os.Stderr, "uninstall:", err)
+				os.Exit(1)
+			}
 			fmt.Println("zeroscale: gate detached and", path, "removed")
 			return
 		case "version", "--version", "-version":
@@ -111,6 +115,7 @@ func defaults() Config {
 		HealthCheckProcesses: []string{"consul", "nomad", "pg_isready"},
 		SYNReplay:            true,
 		SYNMaxAge:            "60s",
+		ForwardGrace:         "5m",
 		BPFPinPath:           bpf.DefaultPinPath,
 		Consul:               ConsulConfig{KVPrefix: "zeroscale"},
 	}

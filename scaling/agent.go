@@ -77,6 +77,12 @@ type Config struct {
 	// Namespaces finds allocations' own network namespaces; nil: every
 	// service is taken to live in the node's namespace.
 	Namespaces Namespaces
+	// Forwarder forwards a parked address the group did not come back at
+	// to where it woke; nil: such an address refuses (a RST) instead.
+	Forwarder Forwarder
+	// ForwardGrace is how long after a wake such forwards take new
+	// connections (clients that still resolve the old address).
+	ForwardGrace time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -134,6 +140,9 @@ func (c *Config) setDefaults() {
 	if c.MovedFor <= 0 {
 		c.MovedFor = 5 * time.Minute
 	}
+	if c.ForwardGrace <= 0 {
+		c.ForwardGrace = 5 * time.Minute
+	}
 	if c.OrphanGrace <= 0 {
 		c.OrphanGrace = 15 * time.Second
 	}
@@ -172,6 +181,10 @@ type Agent struct {
 	unresolvedRetry time.Time
 	// kernel is the gate's entries as last read back (and since written).
 	kernel map[bpf.Key]bpf.State
+	// forwards are the installed forwards as last read back (and since
+	// written); forwardedSeen are their connection counts then.
+	forwards      map[bpf.Key]netip.AddrPort
+	forwardedSeen map[bpf.Key]uint64
 	// started and policiesRead gate the removal of unowned entries.
 	started      time.Time
 	policiesRead bool
@@ -195,12 +208,15 @@ func NewAgent(cfg Config) *Agent {
 		reports:     make(map[string]map[string]consul.ActivityReport),
 		allocGroups: make(map[string]GroupID),
 		kernel:      make(map[bpf.Key]bpf.State),
+		forwards:    make(map[bpf.Key]netip.AddrPort),
 		unresolved:  make(map[string][]consul.Instance),
 	}
 	a.node = cfg.Cluster.NodeName()
 	a.started = a.clock.Now()
 	a.refreshLocal(true)
 	a.observeKernel()
+	a.observeForwards()
+	a.cfg.Metrics.ForwardGrace.Set(a.cfg.ForwardGrace.Seconds())
 	return a
 }
 
@@ -290,6 +306,7 @@ func (a *Agent) OnInstances(service string, instances []consul.Instance) {
 			continue
 		}
 		a.setInstances(g, service, byGroup[id])
+		a.forwardAndReplay(g) // a new instance is somewhere to forward to
 	}
 	a.reindex()
 }

@@ -3,6 +3,7 @@ package scaling
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"sync"
 	"time"
@@ -344,4 +345,25 @@ func instance(service string, ap string, node string, alloc string, passing bool
 	a := netip.MustParseAddrPort(ap)
 	return consul.Instance{ID: fmt.Sprintf("_nomad-task-%s-group-web-%s-http", alloc, service), Service: service,
 		Address: a.Addr(), Port: a.Port(), Node: node, AllocID: alloc, Passing: passing, Nomad: true}
+}
+
+// fakeForwarder holds forwards as the kernel would.
+type fakeForwarder struct {
+	fwds map[netip.AddrPort]Forward
+}
+
+func newFakeForwarder() *fakeForwarder { return &fakeForwarder{fwds: map[netip.AddrPort]Forward{}} }
+
+func (f *fakeForwarder) Forward(from, to netip.AddrPort) error {
+	f.fwds[from] = Forward{To: to}
+	return nil
+}
+
+func (f *fakeForwarder) Unforward(from netip.AddrPort) error {
+	delete(f.fwds, from)
+	return nil
+}
+
+func (f *fakeForwarder) Forwards() (map[netip.AddrPort]Forward, error) {
+	return maps.Clone(f.fwds), nil
 }

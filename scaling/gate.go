@@ -41,13 +41,20 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 			if _, ok := live[k]; ok {
 				continue
 			}
-			// A parked address the group did not come back at: once the
-			// group runs healthy elsewhere, refuse at once for a while so
-			// clients re-resolve instead of waiting for timeouts.
+			// A parked address the group did not come back at forwards
+			// to where it woke. Until a forward is in place its clients
+			// are held; without one, once the group runs healthy
+			// elsewhere, it refuses at once for a while so clients
+			// re-resolve instead of waiting for timeouts.
+			woke := now.Sub(g.wokeAt())
 			switch {
-			case elsewhere && now.Sub(g.awakeAt) < a.cfg.MovedFor:
+			case a.forwarding(k):
+				out[k] = bpf.StateOpen
+			case a.cfg.Forwarder != nil && !elsewhere && woke < g.policy.WakeTimeout && woke < a.cfg.ForwardGrace:
+				out[k] = bpf.StateParked
+			case elsewhere && woke < a.cfg.MovedFor:
 				out[k] = bpf.StateMoved
-			case now.Sub(g.awakeAt) < g.policy.WakeTimeout:
+			case woke < g.policy.WakeTimeout:
 				out[k] = bpf.StateOpen
 			}
 		}

@@ -220,7 +220,7 @@ func (a *Agent) refreshSpec(g *group, now time.Time) {
 	}
 	g.spec, g.specRead = spec, now
 	g.services = make(map[string]bool)
-	var problems []string
+	var problems, moves []string
 	for _, s := range spec.Services {
 		if s.Provider != "consul" {
 			problems = append(problems, fmt.Sprintf("service %q uses provider %q; zeroscale gates Consul services only", s.Name, s.Provider))
@@ -228,18 +228,26 @@ func (a *Agent) refreshSpec(g *group, now time.Time) {
 		}
 		g.services[s.Name] = true
 		if s.StaticPort == 0 {
-			problems = append(problems, fmt.Sprintf("service %q uses the dynamic port %q; give it a static port so it wakes at the same address", s.Name, s.PortLabel))
+			moves = append(moves, fmt.Sprintf("service %q uses the dynamic port %q", s.Name, s.PortLabel))
 		}
 	}
 	if len(spec.Services) == 0 {
 		problems = append(problems, "the group registers no Consul service, so there is no address to gate")
 	}
 	if !spec.Pinned {
-		problems = append(problems, "the group is not pinned to a node (constraint on ${node.unique.name}); it may wake on another node at another address")
+		moves = append(moves, "the group is not pinned to a node (constraint on ${node.unique.name})")
+	}
+	key := fmt.Sprintf("spec-%d-%d", g.policyIndex, spec.JobModified)
+	if len(moves) > 0 && a.cfg.Forwarder != nil {
+		// Served all the same, through a forward: advice, not an error.
+		a.reportOnce(g, key+"-moves", false, "zeroscale: note: "+strings.Join(moves, "; ")+
+			"; it may wake at another address, and connections to the old one are then forwarded there"+
+			" (a static port and a node pin wake fastest)")
+	} else if len(moves) > 0 {
+		problems = append(problems, strings.Join(moves, "; ")+"; it may wake at another address, where the old one cannot follow")
 	}
 	if len(problems) > 0 {
-		a.reportOnce(g, fmt.Sprintf("spec-%d-%d", g.policyIndex, spec.JobModified), true,
-			"zeroscale: warning: "+strings.Join(problems, "; "))
+		a.reportOnce(g, key, true, "zeroscale: warning: "+strings.Join(problems, "; "))
 	}
 }
 

@@ -18,6 +18,10 @@ type Metrics struct {
 	DryRunDecisions *prometheus.CounterVec
 	GroupsByPhase   *prometheus.GaugeVec
 	Repairs         *prometheus.CounterVec
+	// Forwards of parked addresses to where their group woke.
+	Forwards             prometheus.Gauge
+	ForwardedConnections prometheus.Counter
+	ForwardGrace         prometheus.Gauge
 }
 
 // NewMetrics creates the series and registers them on reg (nil: a private
@@ -67,8 +71,21 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "zeroscale_repairs_total",
 			Help: "Differences the reconciler found between the world and a record or the gate, by what it set (a phase, or orphan_entry).",
 		}, []string{"to"}),
+		Forwards: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "zeroscale_forwards",
+			Help: "Parked addresses this node forwards to where their group woke (another port or node).",
+		}),
+		ForwardedConnections: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "zeroscale_forwarded_connections_total",
+			Help: "Connections to a parked address forwarded to where its group woke.",
+		}),
+		ForwardGrace: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "zeroscale_forward_grace_seconds",
+			Help: "How long after a wake a parked address forwards new connections (forward_grace).",
+		}),
 	}
 	reg.MustRegister(m.Wakes, m.Sleeps, m.ParkingUndone, m.WakeLatency, m.ParkedAddresses, m.Errors,
-		m.Leader, m.Replays, m.CapturesDropped, m.DryRunDecisions, m.GroupsByPhase, m.Repairs)
+		m.Leader, m.Replays, m.CapturesDropped, m.DryRunDecisions, m.GroupsByPhase, m.Repairs,
+		m.Forwards, m.ForwardedConnections, m.ForwardGrace)
 	return m
 }

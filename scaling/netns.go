@@ -227,6 +227,9 @@ func (a *Agent) syncMappedPorts() {
 // the namespace of the allocation that serves k, at the mapped port; nil
 // when k is served in the node's namespace.
 func (a *Agent) replayTarget(g *group, k bpf.Key) (*bpf.ReplayTarget, Netns) {
+	if a.forwarding(k) {
+		return &bpf.ReplayTarget{Forward: true}, Netns{}
+	}
 	an := a.allocOfKey(g, k)
 	if an == nil || an.ns.ID < 0 {
 		return nil, Netns{}

@@ -16,6 +16,7 @@ func (a *Agent) Tick() {
 	now := a.clock.Now()
 	a.refreshLocal(false)
 	a.observeKernel()
+	a.observeForwards()
 	a.retryPending(now)
 	if len(a.unresolved) > 0 && now.Sub(a.unresolvedRetry) >= a.cfg.NomadPollInterval {
 		a.unresolvedRetry = now
@@ -37,10 +38,12 @@ func (a *Agent) Tick() {
 		}
 		a.wakeDuties(g, now)
 		a.expireCaptures(g, now)
+		a.forwardAndReplay(g)
 		a.syncGate(g)
 		a.syncPlaceholders(g, now)
 		a.findNetns(g, now)
 	}
+	a.endForwards(now)
 	a.removeOrphans(now)
 	a.syncMappedPorts()
 	a.updateGauges()

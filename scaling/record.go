@@ -76,6 +76,9 @@ func (a *Agent) setState(g *group, st consul.GroupState) {
 		}
 		g.wake = nil
 		g.parkDeadline = time.Time{}
+		if a.cfg.Forwarder != nil {
+			a.syncForwards(g) // before the gate opens: replays go through them
+		}
 		a.syncGate(g)
 		a.replayAll(g)
 		clear(g.readyKeys)

@@ -62,7 +62,11 @@ func (a *Agent) expireCaptures(g *group, now time.Time) {
 func (a *Agent) replayAll(g *group) {
 	var keys []bpf.Key
 	for k := range g.captures {
-		keys = append(keys, k)
+		// An address still held (waiting for a forward to where the group
+		// woke) keeps its SYNs for then.
+		if g.wantGate[k] != bpf.StateParked {
+			keys = append(keys, k)
+		}
 	}
 	if len(keys) > 0 {
 		a.replayKeys(g, keys, 0)
@@ -89,7 +93,7 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 			into = append(into, ns)
 		}
 		_, here := live[k]
-		here = here || g.readyKeys[k]
+		here = here || g.readyKeys[k] || a.forwarding(k)
 		for _, c := range g.captures[k] {
 			batch = append(batch, replayItem{k, c, via, !here})
 		}

@@ -167,9 +167,13 @@ struct checker_peer {
 
 // Where zs_replay looks for the listener when the service lives behind a
 // port mapping in another namespace.
+#define REPLAY_LOOKUP_IN_NETNS 1
+// The address forwards (the kernel's NAT takes the SYN to where the service
+// woke): no listener here to look for.
+#define REPLAY_FORWARD 2
 struct replay_target {
 	__s32 netns_id; // the namespace's id as the gated interface's namespace knows it
-	__u32 set;
+	__u32 set;      // REPLAY_LOOKUP_IN_NETNS or REPLAY_FORWARD; 0: look here
 	__u8 addr[16]; // the listener's address, unspecified for a wildcard listener
 	__be16 port;
 	__u16 pad;
@@ -1041,6 +1045,11 @@ int zs_replay(struct xdp_md *ctx)
 	__u64 netns = BPF_F_CURRENT_NETNS;
 	__u32 zero = 0;
 	struct replay_target *target = bpf_map_lookup_elem(&replay_targets, &zero);
+	if (target && target->set == REPLAY_FORWARD) {
+		count(C_REPLAY_PASSED);
+		set_replay_result(REPLAY_PASSED);
+		return XDP_PASS;
+	}
 	if (target && target->set) {
 		daddr = target->addr;
 		dport = target->port;

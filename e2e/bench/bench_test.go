@@ -536,4 +536,100 @@ func multiNodeStorm(b *testing.B, t *table) {
 	rows = append(rows, fmt.Sprintf("two-node / one-node connect p50: %.2f×",
 		float64(percentile(latencies[1], 50))/float64(percentile(latencies[0], 50))))
 	t.section(fmt.Sprintf("Storm on many nodes: %d rounds of %d concurrent connects to a sleeping group, two Nomad clients in one cluster (python, replay on)", rounds, clients), rows...)
+	forwardedWakes(b, t, m)
+}
+
+// forwardedWakes times one client's connect to the address a sleeping group
+// is known at: a group that wakes where it slept (static port, pinned), one
+// on a dynamic port that wakes at another port of the same node, and one
+// that wakes on the other node (the node it slept on is made ineligible).
+// The last two are served through the old address's forward.
+func forwardedWakes(b *testing.B, t *table, m *harness.MultiNode) {
+	const rounds = 5
+	direct := m.RunSpread(b, "direct", m.Nodes[:1], 3*time.Second)
+	m.Run(b, harness.TestdataJob(b, "dynamic", "sameport"), map[string]string{"nodes": harness.NodeList(m.Nodes[:1]), "idle_timeout": "3s"})
+	m.Run(b, harness.TestdataJob(b, "dynamic", "othernode"), map[string]string{"nodes": harness.NodeList(m.Nodes), "idle_timeout": "3s"})
+	kinds := []string{"direct (where it slept)", "forwarded, same node, other port", "forwarded, other node"}
+	samples := make([][]time.Duration, len(kinds))
+	nodeNamed := func(addr netip.Addr) *harness.ClusterNode {
+		for _, n := range m.Nodes {
+			if n.Addr == addr {
+				return n
+			}
+		}
+		b.Fatalf("no node at %s", addr)
+		return nil
+	}
+	for range rounds {
+		for i, job := range []string{"direct", "sameport", "othernode"} {
+			var old netip.AddrPort
+			if job == "direct" {
+				direct.WaitAsleep(b, 120*time.Second)
+				old = direct.Addrs()[0]
+			} else {
+				old = waitAsleepAt(b, m, job, 120*time.Second)
+			}
+			time.Sleep(500 * time.Millisecond)
+			var slept *harness.ClusterNode
+			if job == "othernode" {
+				slept = nodeNamed(old.Addr())
+				setEligible(b, m, slept.Name, false)
+			}
+			r := harness.Storm(m.Client, []netip.AddrPort{old}, 1, 30*time.Second)[0]
+			if slept != nil {
+				setEligible(b, m, slept.Name, true)
+			}
+			if r.Err != nil {
+				b.Fatalf("%s: first connect to %s: %v\n%s", job, old, r.Err, m.Diagnose(b))
+			}
+			samples[i] = append(samples[i], r.Connect)
+			if slept != nil && strings.Contains(r.Body, "served by "+slept.Name) {
+				b.Fatalf("othernode woke on %s, where it slept", slept.Name)
+			}
+		}
+	}
+	rows := []string{fmt.Sprintf("%-34s %-7s %-7s %s", "", "p50", "max", "vs direct (p50)")}
+	for i, kind := range kinds {
+		rows = append(rows, fmt.Sprintf("%-34s %-7s %-7s %.2f×", kind, ms(percentile(samples[i], 50)), ms(percentile(samples[i], 100)),
+			float64(percentile(samples[i], 50))/float64(percentile(samples[0], 50))))
+	}
+	var forwarded float64
+	for _, n := range m.Nodes {
+		forwarded += n.Metric(b, "zeroscale_forwarded_connections_total")
+	}
+	rows = append(rows, fmt.Sprintf("connections forwarded by the nodes' NAT: %.0f (of %d forwarded wakes)", forwarded, 2*rounds))
+	t.section(fmt.Sprintf("Wake anywhere: %d wakes each, one client connecting to the address the sleeping group is known at", rounds), rows...)
+}
+
+// waitAsleepAt waits until job's group sleeps and returns the address its
+// placeholder keeps in Consul.
+func waitAsleepAt(b *testing.B, m *harness.MultiNode, job string, timeout time.Duration) netip.AddrPort {
+	deadline := time.Now().Add(timeout)
+	for {
+		st := m.ScaleStatus(b, job, "web")
+		if held := m.Placeholders(b, job); st.Desired == 0 && st.Running == 0 && len(held) == 1 {
+			return held[0]
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%s not asleep within %v\n%s", job, timeout, m.Diagnose(b))
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// setEligible turns scheduling eligibility of a node on or off.
+func setEligible(b *testing.B, m *harness.MultiNode, name string, on bool) {
+	nodes, _, err := m.API.Nodes().List(nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, n := range nodes {
+		if n.Name == name {
+			if _, err := m.API.Nodes().ToggleEligibility(n.ID, on, nil); err != nil {
+				b.Fatalf("eligibility of %s: %v", name, err)
+			}
+			return
+		}
+	}
+	b.Fatalf("no node %s", name)
 }

@@ -567,15 +567,6 @@ func (m *MultiNode) nodeAlive(name string) bool {
 	return false
 }
 
-// NodeNames lists the nodes' names, quoted for an HCL list.
-func NodeNames(nodes []*ClusterNode) string {
-	q := make([]string, len(nodes))
-	for i, n := range nodes {
-		q[i] = strconv.Quote(n.Name)
-	}
-	return strings.Join(q, ",")
-}
-
 // ConnectResult is one client of a Storm.
 type ConnectResult struct {
 	Target  netip.AddrPort
@@ -690,23 +681,39 @@ type Spread struct {
 func (m *MultiNode) RunSpread(t testing.TB, job string, nodes []*ClusterNode, idle time.Duration) *Spread {
 	t.Helper()
 	port := FreePorts(t, 1)[0]
+	m.Run(t, TestdataJob(t, "spread", job), map[string]string{"nodes": NodeList(nodes), "port": strconv.Itoa(port),
+		"idle_timeout": idle.String()})
+	m.WaitHealthyOn(t, job, nodes, 120*time.Second)
+	return &Spread{m: m, Job: job, Port: port, Nodes: nodes}
+}
+
+// TestdataJob writes e2e/testdata/<name>.nomad.hcl under the job ID job (a
+// job's ID is its label) and returns the file's path.
+func TestdataJob(t testing.TB, name, job string) string {
+	t.Helper()
+	src, err := os.ReadFile(filepath.Join(RepoRoot(t), "e2e", "testdata", name+".nomad.hcl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	label := fmt.Sprintf("job %q", name)
+	if !strings.Contains(string(src), label) {
+		t.Fatalf("%s.nomad.hcl has no %s", name, label)
+	}
+	path := filepath.Join(t.TempDir(), job+".nomad.hcl")
+	if err := os.WriteFile(path, []byte(strings.Replace(string(src), label, fmt.Sprintf("job %q", job), 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// NodeList is the nodes' names as an HCL list of strings.
+func NodeList(nodes []*ClusterNode) string {
 	names := make([]string, len(nodes))
 	for i, n := range nodes {
 		names[i] = n.Name
 	}
 	list, _ := json.Marshal(names)
-	src, err := os.ReadFile(filepath.Join(RepoRoot(t), "e2e", "testdata", "spread.nomad.hcl"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The job's ID is its label: rewrite it.
-	named := filepath.Join(t.TempDir(), job+".nomad.hcl")
-	if err := os.WriteFile(named, []byte(strings.Replace(string(src), `job "spread"`, fmt.Sprintf("job %q", job), 1)), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	m.Run(t, named, map[string]string{"nodes": string(list), "port": strconv.Itoa(port), "idle_timeout": idle.String()})
-	m.WaitHealthyOn(t, job, nodes, 120*time.Second)
-	return &Spread{m: m, Job: job, Port: port, Nodes: nodes}
+	return string(list)
 }
 
 // Addrs are the group's addresses, one per node.
@@ -722,12 +729,20 @@ func (g *Spread) Addrs() []netip.AddrPort {
 // Consul holds a placeholder at each of its addresses.
 func (g *Spread) WaitAsleep(t testing.TB, timeout time.Duration) {
 	t.Helper()
+	g.m.WaitAsleep(t, g.Job, g.Addrs(), timeout)
+}
+
+// WaitAsleep waits until the group "web" of job (whose service is named
+// after the job) is at count 0 with nothing running, and Consul holds a
+// placeholder at each of addrs.
+func (m *MultiNode) WaitAsleep(t testing.TB, job string, addrs []netip.AddrPort, timeout time.Duration) {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		st := g.m.ScaleStatus(t, g.Job, "web")
-		held := g.m.Placeholders(t, g.Job)
+		st := m.ScaleStatus(t, job, "web")
+		held := m.Placeholders(t, job)
 		all := st.Desired == 0 && st.Running == 0
-		for _, a := range g.Addrs() {
+		for _, a := range addrs {
 			all = all && slices.Contains(held, a)
 		}
 		if all {
@@ -735,7 +750,7 @@ func (g *Spread) WaitAsleep(t testing.TB, timeout time.Duration) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("%s not asleep within %v (desired %d, running %d, placeholders %v)\n%s",
-				g.Job, timeout, st.Desired, st.Running, held, g.m.Diagnose(t))
+				job, timeout, st.Desired, st.Running, held, m.Diagnose(t))
 		}
 		time.Sleep(250 * time.Millisecond)
 	}

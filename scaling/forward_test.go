@@ -1,0 +1,85 @@
+package scaling
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
+	"github.com/zeroscale/nomad-driver-zeroscale/consul"
+)
+
+// A group on a dynamic port wakes on another port of the same node: the
+// parked address forwards there, its held SYN is replayed through the
+// forward, and the forward ends after forward_grace.
+func TestParkedAddressForwardsToWhereTheGroupWoke(t *testing.T) {
+	fwd := newFakeForwarder()
+	e := awakeEnv(t, func(c *Config) { c.Forwarder = fwd; c.ForwardGrace = time.Minute })
+	e.sleep()
+	e.syn(client, bpf.EventCapture)
+	if e.phase() != consul.PhaseWaking {
+		t.Fatalf("phase %s, want waking", e.phase())
+	}
+	// The new allocation got another port, and listens there.
+	moved := "10.0.0.5:23456"
+	movedKey := bpf.KeyFrom(netip.MustParseAddrPort(moved))
+	e.agent.OnInstances("web", []consul.Instance{instance("web", moved, "node-1", allocB, false)})
+	if len(fwd.fwds) != 0 || e.gate.state(svcKey) != bpf.StateParked {
+		t.Fatalf("forwards %v, gate %v before the group is ready: want none and parked", fwd.fwds, e.gate.state(svcKey))
+	}
+	e.agent.OnGateEvent(bpf.Event{Kind: bpf.EventListen, Key: movedKey, Time: e.clock.now})
+	if e.phase() != consul.PhaseAwake {
+		t.Fatalf("phase %s after the listener, want awake", e.phase())
+	}
+	from := netip.MustParseAddrPort(svcAddr)
+	if got := fwd.fwds[from].To; got != netip.MustParseAddrPort(moved) {
+		t.Fatalf("forward of %s: %v, want %s", svcAddr, got, moved)
+	}
+	if s := e.gate.state(svcKey); s != bpf.StateOpen {
+		t.Fatalf("the parked address is %v while it forwards, want open", s)
+	}
+	if n := len(e.gate.replayVia); n != 1 || e.gate.replayVia[0] == nil || !e.gate.replayVia[0].Forward {
+		t.Fatalf("replays %d (%+v), want the held SYN replayed through the forward", n, e.gate.replayVia)
+	}
+
+	// Within the grace period it stays; then it goes, and the address
+	// refuses new clients (they find the new one in Consul).
+	e.tick(30 * time.Second)
+	if _, ok := fwd.fwds[from]; !ok {
+		t.Fatal("the forward ended within forward_grace")
+	}
+	e.tick(31 * time.Second)
+	if _, ok := fwd.fwds[from]; ok {
+		t.Fatal("the forward outlived forward_grace")
+	}
+	if s := e.gate.state(svcKey); s == bpf.StateParked {
+		t.Fatal("after the forward the old address is parked: its clients would hang")
+	}
+}
+
+// Until somewhere to forward to is known, clients of the parked address are
+// held, not refused; the held SYNs go through once the forward is in place.
+func TestClientsAreHeldUntilTheForwardIsInPlace(t *testing.T) {
+	fwd := newFakeForwarder()
+	e := awakeEnv(t, func(c *Config) { c.Forwarder = fwd })
+	e.sleep()
+	e.syn(client, bpf.EventCapture)
+	// Another node declares the group awake before this node's catalog
+	// view has the new instance.
+	st, _ := e.cluster.GroupState(web.Key())
+	st.Phase, st.By, st.Since = consul.PhaseAwake, "node-2", e.clock.now
+	e.agent.OnGroupStates(map[string]consul.GroupState{web.Key(): st})
+	if s := e.gate.state(svcKey); s != bpf.StateParked {
+		t.Fatalf("gate %v with nowhere to forward to yet, want parked (held)", s)
+	}
+	e.agent.OnInstances("web", []consul.Instance{instance("web", "10.0.0.6:8080", "node-2", allocB, true)})
+	if got := fwd.fwds[netip.MustParseAddrPort(svcAddr)].To; got != netip.MustParseAddrPort("10.0.0.6:8080") {
+		t.Fatalf("forward %v, want to node-2's instance", got)
+	}
+	if s := e.gate.state(svcKey); s != bpf.StateOpen {
+		t.Fatalf("gate %v with the forward in place, want open", s)
+	}
+	if n := len(e.gate.replayVia); n != 1 || !e.gate.replayVia[0].Forward {
+		t.Fatalf("replays %d, want the held SYN through the forward", n)
+	}
+}
