@@ -220,7 +220,6 @@ func percentiles(ds []time.Duration) string {
 	return fmt.Sprintf("p50 %v p90 %v max %v", at(0.5).Round(time.Millisecond), at(0.9).Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond))
 }
 
-
 // nodeID is the Nomad node ID of the node called name.
 func nodeID(t *testing.T, m *harness.MultiNode, name string) string {
 	t.Helper()
