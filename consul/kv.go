@@ -134,6 +134,8 @@ type GroupState struct {
 	Addresses []Address `json:"addresses"`        // what was parked
 	Allocs    []string  `json:"allocs,omitempty"` // allocations running when parking began
 	Reason    string    `json:"reason,omitempty"` // for logs and events
+	// Forced: an operator asked for this parking; traffic does not undo it.
+	Forced bool `json:"forced,omitempty"`
 	// FirstSYN is the kernel time (wall clock) of the SYN that woke the group.
 	FirstSYN time.Time `json:"first_syn,omitzero"`
 	// Index is the KV ModifyIndex this state was read at (0: absent).

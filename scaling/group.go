@@ -57,6 +57,12 @@ type group struct {
 	wake        *wakeAttempt
 	captures    map[bpf.Key][]capture
 	lastConnect time.Time                     // the last SYN this node dropped for the group
+	// pendingReady are addresses ready here while a group this one wakes
+	// with is not awake yet (pendingHow: how they became ready).
+	pendingReady []bpf.Key
+	pendingHow   string
+	// sleepRequested is the operator's last sleep request acted on.
+	sleepRequested time.Time
 	registered  map[string]consul.Placeholder // placeholders this node keeps
 	awakeAt     time.Time
 	// netns: allocations with their own network namespace, by id;
@@ -194,6 +200,7 @@ func (a *Agent) OnPolicies(stubs []PolicyStub) {
 			a.release(g)
 		}
 	}
+	a.refuseWakeWithCycles()
 	a.policiesRead = true
 	a.reindex()
 }

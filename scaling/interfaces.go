@@ -60,7 +60,14 @@ type ScaleStatus struct {
 	// Stopped: the job was stopped (`nomad job stop`); the operator's intent
 	// wins over any sleep or wake.
 	Stopped bool
+	// SleepRequested is the time of the latest sleep request: a scaling
+	// event with meta zeroscale = "sleep_request", which Nomad records only
+	// for a token that may scale the job.
+	SleepRequested time.Time
 }
+
+// SleepRequestMeta marks a scaling event that asks the group to sleep now.
+const SleepRequestMeta = "sleep_request"
 
 // GroupSpec is what the agent needs from a group's job specification.
 type GroupSpec struct {

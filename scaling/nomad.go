@@ -258,7 +258,15 @@ func (n *NomadAPI) ScaleStatus(id GroupID) (ScaleStatus, error) {
 	if !ok {
 		return ScaleStatus{}, fmt.Errorf("read scale status of %s: %w", id, ErrGroupGone)
 	}
-	return ScaleStatus{Desired: g.Desired, Running: g.Running, Stopped: st.JobStopped}, nil
+	out := ScaleStatus{Desired: g.Desired, Running: g.Running, Stopped: st.JobStopped}
+	for _, e := range g.Events {
+		if e.Meta["zeroscale"] == SleepRequestMeta && !e.Error {
+			if at := time.Unix(0, int64(e.Time)); at.After(out.SleepRequested) {
+				out.SleepRequested = at
+			}
+		}
+	}
+	return out, nil
 }
 
 // DeploymentActive tells whether the job's latest deployment still runs:

@@ -57,6 +57,11 @@ type Policy struct {
 	WakeCount   int
 	WakeTimeout time.Duration
 	Ready       ReadyMode
+	// AwakeDuring are windows in which the group is kept awake.
+	AwakeDuring []Window
+	// WakeWith are groups woken with this one, whose readiness it waits
+	// for, and which do not sleep while it is awake.
+	WakeWith []GroupID
 }
 
 // PolicyBlock is the name of the block inside `policy { … }`.
@@ -129,7 +134,8 @@ func ParsePolicy(p *api.ScalingPolicy) (Policy, error) {
 	if err != nil {
 		return out, fieldErr(base, "%s", err)
 	}
-	known := map[string]bool{"idle_timeout": true, "wake_count": true, "wake_timeout": true, "ready": true}
+	known := map[string]bool{"idle_timeout": true, "wake_count": true, "wake_timeout": true, "ready": true,
+		"awake_during": true, "wake_with": true}
 	var unknown []string
 	for k := range block {
 		if !known[k] {
@@ -138,7 +144,7 @@ func ParsePolicy(p *api.ScalingPolicy) (Policy, error) {
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return out, fieldErr(base+"."+unknown[0], "unknown field (want idle_timeout, wake_count, wake_timeout or ready)")
+		return out, fieldErr(base+"."+unknown[0], "unknown field (want idle_timeout, wake_count, wake_timeout, ready, awake_during or wake_with)")
 	}
 
 	if v, ok := block["idle_timeout"]; ok {
@@ -167,6 +173,36 @@ func ParsePolicy(p *api.ScalingPolicy) (Policy, error) {
 	if out.WakeCount < 1 || int64(out.WakeCount) > out.Max {
 		return out, fieldErr(base+".wake_count", "%d is outside 1..%d (scaling.min is 0, wake_count must be at least 1 and at most scaling.max)",
 			out.WakeCount, out.Max)
+	}
+	if v, ok := block["awake_during"]; ok {
+		list, err := stringList(v)
+		if err != nil {
+			return out, fieldErr(base+".awake_during", "%s", err)
+		}
+		for i, s := range list {
+			w, err := ParseWindow(s)
+			if err != nil {
+				return out, fieldErr(fmt.Sprintf("%s.awake_during[%d]", base, i), "%s", err)
+			}
+			out.AwakeDuring = append(out.AwakeDuring, w)
+		}
+	}
+	if v, ok := block["wake_with"]; ok {
+		list, err := stringList(v)
+		if err != nil {
+			return out, fieldErr(base+".wake_with", "%s", err)
+		}
+		for i, s := range list {
+			job, group, ok := strings.Cut(s, "/")
+			if !ok || job == "" || group == "" || strings.Contains(group, "/") {
+				return out, fieldErr(fmt.Sprintf("%s.wake_with[%d]", base, i), "%q is not JOB/GROUP", s)
+			}
+			dep := GroupID{Namespace: out.Target.Namespace, Job: job, Group: group}
+			if dep == out.Target {
+				return out, fieldErr(fmt.Sprintf("%s.wake_with[%d]", base, i), "%q is the group itself", s)
+			}
+			out.WakeWith = append(out.WakeWith, dep)
+		}
 	}
 	if v, ok := block["ready"]; ok {
 		s, ok := v.(string)
@@ -215,6 +251,27 @@ func duration(v any) (time.Duration, error) {
 		return 0, fmt.Errorf("%q is not a duration (like \"90s\" or \"10m\")", s)
 	}
 	return d, nil
+}
+
+// stringList accepts a list of strings as Nomad stores it.
+func stringList(v any) ([]string, error) {
+	switch l := v.(type) {
+	case string:
+		return []string{l}, nil
+	case []string:
+		return l, nil
+	case []any:
+		out := make([]string, len(l))
+		for i, e := range l {
+			s, ok := e.(string)
+			if !ok {
+				return nil, fmt.Errorf("[%d] is %v, want a string", i, e)
+			}
+			out[i] = s
+		}
+		return out, nil
+	}
+	return nil, fmt.Errorf("must be a list of strings, got %v", v)
 }
 
 func integer(v any) (int, error) {

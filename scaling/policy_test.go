@@ -70,6 +70,14 @@ func TestParsePolicyErrorsNameTheField(t *testing.T) {
 		{"max unset", func(p *api.ScalingPolicy) { p.Max = nil }, "scaling.max"},
 		{"no target", func(p *api.ScalingPolicy) { p.Target = map[string]string{} }, "scaling"},
 		{"vertical", func(p *api.ScalingPolicy) { p.Type = "vertical_cpu" }, "scaling.type"},
+		{"bad window", func(p *api.ScalingPolicy) {
+			p.Policy["zeroscale"] = map[string]any{"awake_during": []any{"Mon-Fri 08:00-19:00", "Someday 9-5"}}
+		}, "scaling.policy.zeroscale.awake_during[1]"},
+		{"window not a list of strings", func(p *api.ScalingPolicy) { p.Policy["zeroscale"] = map[string]any{"awake_during": 8} }, "scaling.policy.zeroscale.awake_during"},
+		{"wake_with not JOB/GROUP", func(p *api.ScalingPolicy) { p.Policy["zeroscale"] = map[string]any{"wake_with": []any{"postgres"}} }, "scaling.policy.zeroscale.wake_with[0]"},
+		{"wake_with itself", func(p *api.ScalingPolicy) {
+			p.Policy["zeroscale"] = map[string]any{"wake_with": []any{p.Target["Job"] + "/" + p.Target["Group"]}}
+		}, "scaling.policy.zeroscale.wake_with[0]"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -82,6 +82,8 @@ func (a *Agent) setState(g *group, st consul.GroupState) {
 		a.syncGate(g)
 		a.replayAll(g)
 		clear(g.readyKeys)
+		g.pendingReady = nil
+		a.releaseDependents(g)
 	case consul.PhaseParking, consul.PhaseAsleep:
 		clear(g.readyKeys)
 		a.syncGate(g)

@@ -1,6 +1,7 @@
 package scaling
 
 import (
+	"fmt"
 	"maps"
 	"slices"
 	"sort"
@@ -15,10 +16,19 @@ import (
 // leaderDuties runs on the elected node: spot idle groups, drive parking to
 // its end, and unstick wakes whose node vanished.
 func (a *Agent) leaderDuties(g *group, now time.Time) {
+	w, inWindow := g.policy.inWindow(now)
 	switch g.state.Phase {
 	case consul.PhaseAwake:
 		a.idleCheck(g, now)
+	case consul.PhaseAsleep:
+		if inWindow {
+			a.wakeFor(g, now, "awake_during "+w.Source)
+		}
 	case consul.PhaseParking:
+		if inWindow && !g.state.Forced {
+			a.undoParking(g, "awake_during "+w.Source)
+			return
+		}
 		a.parkingProgress(g, now)
 	case consul.PhaseWaking:
 		// The waking node handles its deadline; if it died, the leader does.
@@ -48,8 +58,14 @@ func (a *Agent) union(g *group, now time.Time) (established int64, lastActive ti
 }
 
 func (a *Agent) idleCheck(g *group, now time.Time) {
-	if now.Before(g.nextIdleCheck) {
+	if a.sleepRequest(g, now) || now.Before(g.nextIdleCheck) {
 		return
+	}
+	if _, in := g.policy.inWindow(now); in {
+		return
+	}
+	if users := a.neededBy(g); len(users) > 0 {
+		return // groups that wake with it are up
 	}
 	established, lastActive, _ := a.union(g, now)
 	since := lastActive
@@ -62,10 +78,27 @@ func (a *Agent) idleCheck(g *group, now time.Time) {
 	if established > 0 || idle < g.policy.IdleTimeout {
 		return
 	}
-	a.startParking(g, now, idle)
+	a.startParking(g, now, "idle for "+idle.Round(time.Second).String(), false)
 }
 
-func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
+// sleepRequest parks g now when an operator asked for it since it last woke
+// (outside its awake_during windows, which win).
+func (a *Agent) sleepRequest(g *group, now time.Time) bool {
+	at := g.nomad.status.SleepRequested
+	if at.IsZero() || !at.After(g.wokeAt()) || !at.After(g.sleepRequested) {
+		return false
+	}
+	g.sleepRequested = at
+	if w, in := g.policy.inWindow(now); in {
+		a.reportOnce(g, fmt.Sprintf("sleep-request-%d", at.UnixNano()), false,
+			"zeroscale: sleep request ignored: inside awake_during "+w.Source)
+		return false
+	}
+	a.startParking(g, now, "sleep requested by an operator", true)
+	return true
+}
+
+func (a *Agent) startParking(g *group, now time.Time, reason string, forced bool) {
 	if err := a.gateUsable(); err != nil {
 		// Invariant 4: a SYN could not reach a gate, so nothing could wake it.
 		a.reportOnce(g, "gate-unusable-"+err.Error(), true, "zeroscale: idle, but not parked: "+err.Error())
@@ -118,7 +151,6 @@ func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 		g.nextIdleCheck = now.Add(10 * time.Second)
 		return
 	}
-	reason := "idle for " + idle.Round(time.Second).String()
 	if a.cfg.DryRun {
 		a.logger.Info("dry run: would scale the group to 0", "group", g.id.String(), "reason", reason)
 		a.cfg.Metrics.DryRunDecisions.WithLabelValues("sleep").Inc()
@@ -127,6 +159,7 @@ func (a *Agent) startParking(g *group, now time.Time, idle time.Duration) {
 	}
 	next := consul.GroupState{
 		Phase: consul.PhaseParking, Epoch: g.state.Epoch + 1, Since: now, Addresses: addrs, Allocs: allocs, Reason: reason,
+		Forced: forced,
 	}
 	if err := a.swap(g, next); err != nil {
 		a.logger.Debug("could not start parking", "group", g.id.String(), "error", err)
@@ -157,7 +190,7 @@ func (a *Agent) parkingProgress(g *group, now time.Time) {
 		}
 	}
 	switch {
-	case busy != "":
+	case busy != "" && !g.state.Forced:
 		a.undoParking(g, "traffic on "+busy+" while parking")
 	case len(missing) > 0 && now.After(g.parkDeadline):
 		a.undoParking(g, "parking not acknowledged by "+strings.Join(missing, ", "))

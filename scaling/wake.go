@@ -24,6 +24,7 @@ type wakeAttempt struct {
 	nextTry   time.Time
 	tries     int
 	failed    string // a non-retryable failure, reported once
+	why       string // what started it, for the scaling event
 }
 
 // onConnect handles a SYN dropped at a parked address of g.
@@ -37,6 +38,9 @@ func (a *Agent) onConnect(g *group, ev bpf.Event) {
 	case consul.PhaseAwake:
 		a.syncGate(g) // our gate lags the cluster state
 	case consul.PhaseParking:
+		if g.state.Forced {
+			return // an operator's sleep: the SYN waits and wakes it after
+		}
 		a.undoParking(g, "connect from "+ev.Source.String()+" while parking")
 		if g.state.Phase == consul.PhaseAsleep { // lost to the commit: wake instead
 			a.onConnect(g, ev)
@@ -78,6 +82,7 @@ func (a *Agent) startWake(g *group, ev bpf.Event, now time.Time, mayRetry bool) 
 		deadline: now.Add(g.policy.WakeTimeout), winner: true}
 	a.logger.Info("waking group", "group", g.id.String(), "from", ev.Source, "wake_count", g.policy.WakeCount)
 	a.tryScaleUp(g, now)
+	a.wakeDependencies(g, now)
 }
 
 // takeOverWake makes this node the owner of a wake whose first owner left
@@ -138,6 +143,9 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 	}
 	count := g.policy.WakeCount
 	msg, meta := "zeroscale: wake on connect", map[string]any{"zeroscale": "wake", "node": a.node}
+	if w.why != "" {
+		msg, meta["reason"] = "zeroscale: wake on "+w.why, w.why
+	}
 	if w.from.IsValid() {
 		msg += " from " + w.from.String()
 		meta["source"] = w.from.String()
@@ -293,6 +301,9 @@ func (a *Agent) checkListening(g *group, evs []listenSeen) {
 // markReady opens the gate for keys that have a listener (or a healthy
 // instance), replays the SYNs captured for them and marks the group awake.
 func (a *Agent) markReady(g *group, keys []bpf.Key, how string) {
+	if g.policy != nil && a.holdUntilDepsReady(g, keys, how) {
+		return
+	}
 	now := a.clock.Now()
 	for _, k := range keys {
 		g.readyKeys[k] = true
