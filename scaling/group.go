@@ -56,15 +56,15 @@ type group struct {
 	lastReportT time.Time
 	wake        *wakeAttempt
 	captures    map[bpf.Key][]capture
-	lastConnect time.Time                     // the last SYN this node dropped for the group
+	lastConnect time.Time // the last SYN this node dropped for the group
 	// pendingReady are addresses ready here while a group this one wakes
 	// with is not awake yet (pendingHow: how they became ready).
 	pendingReady []bpf.Key
 	pendingHow   string
 	// sleepRequested is the operator's last sleep request acted on.
 	sleepRequested time.Time
-	registered  map[string]consul.Placeholder // placeholders this node keeps
-	awakeAt     time.Time
+	registered     map[string]consul.Placeholder // placeholders this node keeps
+	awakeAt        time.Time
 	// netns: allocations with their own network namespace, by id;
 	// netnsLooked: when each was last looked for.
 	netns       map[string]*allocNetns
