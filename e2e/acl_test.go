@@ -56,6 +56,34 @@ func TestACLExamplePoliciesAreEnoughToSleepAndWake(t *testing.T) {
 			t.Errorf("the plugin was denied something with the example policies: %s", l)
 		}
 	}
+
+	// The CLI acts with the operator's token: one that may only read the
+	// job cannot put it to sleep; the management token can.
+	reader := nomadToken(t, c, "reader", `namespace "default" { policy = "read" }
+node { policy = "read" }`)
+	if out, code := cli(t, c, "", reader, "sleep", "http/http"); code != 1 || !strings.Contains(out, "403") {
+		t.Fatalf("sleep with a read-only token: exit %d, want 1 and Nomad's 403:\n%s", code, out)
+	}
+	if st, _, err := c.API.Jobs().ScaleStatus("http", nil); err != nil || st.TaskGroups["http"].Desired != 1 {
+		t.Fatalf("the read-only token's request changed the count: %+v %v", st, err)
+	}
+	if out, code := cli(t, c, "", c.Nomad.Token, "sleep", "http/http"); code != 0 {
+		t.Fatalf("sleep with the management token: exit %d\n%s", code, out)
+	}
+}
+
+// nomadToken creates a Nomad ACL policy of rules and a client token holding
+// it alone.
+func nomadToken(t *testing.T, c *harness.Cluster, name, rules string) string {
+	t.Helper()
+	if _, err := c.API.ACLPolicies().Upsert(&napi.ACLPolicy{Name: name, Rules: rules}, nil); err != nil {
+		t.Fatalf("nomad policy %s: %v", name, err)
+	}
+	tok, _, err := c.API.ACLTokens().Create(&napi.ACLToken{Name: name, Type: "client", Policies: []string{name}}, nil)
+	if err != nil {
+		t.Fatalf("nomad token %s: %v", name, err)
+	}
+	return tok.SecretID
 }
 
 // TestACLWithoutScaleJobTheIdleGroupStaysUpAndThePluginSaysWhy: a plugin

@@ -37,13 +37,15 @@ type nodeAgent struct {
 	// running: the scaler is up (Nomad and Consul clients too); only then
 	// does the fingerprint say the gate is supported.
 	running bool
+	// operator serves /v1/ beside /metrics.
+	operator *operatorAPI
 }
 
 // startNodeAgent loads the gate and starts everything in the background; it
 // returns at once. The gate keeps its pinned state when ctx ends.
 func startNodeAgent(ctx context.Context, s settings, logger hclog.Logger, drv *driver.Driver) *nodeAgent {
 	a := &nodeAgent{settings: s, logger: logger.Named("agent"), driver: drv, registry: prometheus.NewRegistry(),
-		attachErrs: make(map[string]error),
+		attachErrs: make(map[string]error), operator: &operatorAPI{nomadAddress: s.Nomad.Address},
 		attached: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "zeroscale_gate_attached",
 			Help: "1 when the gate is attached on the interface, 0 when it must be and is not (nothing is parked then).",
@@ -189,6 +191,7 @@ func (a *nodeAgent) run(ctx context.Context) {
 	a.running = true
 	a.attachMu.Unlock()
 	a.publishGateStatus()
+	a.operator.setScaler(agent)
 	agent.Run(ctx, gate.Events())
 }
 
@@ -388,6 +391,7 @@ func (a *nodeAgent) rescanInterfaces(ctx context.Context) {
 func (a *nodeAgent) serveMetrics(ctx context.Context) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(a.registry, promhttp.HandlerOpts{}))
+	a.operator.register(mux)
 	srv := &http.Server{Addr: a.settings.MetricsAddress, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()

@@ -16,6 +16,7 @@ import (
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
 	"github.com/zeroscale/nomad-driver-zeroscale/driver"
+	"github.com/zeroscale/nomad-driver-zeroscale/internal/command"
 )
 
 // Serve runs the plugin for Nomad. `nomad-driver-zeroscale uninstall`
@@ -38,6 +39,8 @@ func Serve() {
 			}
 			fmt.Println("zeroscale: gate detached and", path, "removed")
 			return
+		case "status", "wake", "sleep":
+			os.Exit(command.Run("nomad-driver-zeroscale", driver.Version, os.Args[1:]))
 		case "version", "--version", "-version":
 			fmt.Println("nomad-driver-zeroscale", driver.Version)
 			return

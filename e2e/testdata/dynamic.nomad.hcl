@@ -7,6 +7,11 @@ variable "nodes" {
   description = "Names of the Nomad nodes it may run on."
 }
 
+variable "max" {
+  type    = number
+  default = 1
+}
+
 variable "idle_timeout" {
   type    = string
   default = "10s"
@@ -46,7 +51,7 @@ job "dynamic" {
     scaling {
       enabled = true
       min     = 0
-      max     = 1
+      max     = var.max
 
       policy {
         zeroscale {
