@@ -13,7 +13,9 @@ import (
 
 type statusCommand struct{ meta }
 
-func (c *statusCommand) Synopsis() string { return "Show every gated group: state, addresses, activity, wakes" }
+func (c *statusCommand) Synopsis() string {
+	return "Show every gated group: state, addresses, activity, wakes"
+}
 
 func (c *statusCommand) Help() string {
 	return strings.TrimSpace(`
@@ -198,4 +200,3 @@ func formatGroup(g groupReport) string {
 	}
 	return strings.TrimRight(b.String(), "\n")
 }
-

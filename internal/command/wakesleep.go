@@ -12,7 +12,9 @@ import (
 
 type wakeCommand struct{ meta }
 
-func (c *wakeCommand) Synopsis() string { return "Wake a sleeping group now, without sending it traffic" }
+func (c *wakeCommand) Synopsis() string {
+	return "Wake a sleeping group now, without sending it traffic"
+}
 
 func (c *wakeCommand) Help() string {
 	return strings.TrimSpace(`
