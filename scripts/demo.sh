@@ -131,6 +131,10 @@ In another terminal:
   $bin/nomad job scaling-events nginx         # sleep, wake and latency events
   curl -s 127.0.0.1:9464/metrics | grep ^zeroscale_
 
+  $root/build/nomad-driver-zeroscale status              # what sleeps, why, idle time left
+  $root/build/nomad-driver-zeroscale sleep nginx/nginx   # sleep now
+  $root/build/nomad-driver-zeroscale wake nginx/nginx    # wake now, without traffic
+
 Sleep and wake as the plugin logs them (Ctrl-C stops everything):
 EOF
 
