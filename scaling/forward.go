@@ -16,6 +16,13 @@ import (
 // that time live on in conntrack after the forward ends; new clients find
 // the new address in Consul, where the placeholder gives way to it.
 
+// forwardHold bounds how long clients of an address the group did not come
+// back at are held, waiting for the new instance to show in Consul so the
+// forward can be set (invariant 3: a running group's address is not left
+// parked beyond a short bound). Beyond it the address opens and, with
+// nothing listening, refuses: clients re-resolve.
+const forwardHold = 10 * time.Second
+
 // Forwarder installs the forwards; implemented over nftables by
 // internal/nat. Forwards reads them back from the kernel.
 type Forwarder interface {

@@ -83,3 +83,22 @@ func TestClientsAreHeldUntilTheForwardIsInPlace(t *testing.T) {
 		t.Fatalf("replays %d, want the held SYN through the forward", n)
 	}
 }
+
+// Clients are held for a new instance to forward to only briefly: if none
+// shows, the address opens (and, with nothing listening, refuses).
+func TestHoldForAForwardIsBounded(t *testing.T) {
+	e := awakeEnv(t, func(c *Config) { c.Forwarder = newFakeForwarder() })
+	e.sleep()
+	e.syn(client, bpf.EventCapture)
+	st, _ := e.cluster.GroupState(web.Key())
+	st.Phase, st.By, st.Since = consul.PhaseAwake, "node-2", e.clock.now
+	e.agent.OnGroupStates(map[string]consul.GroupState{web.Key(): st})
+	e.tick(5 * time.Second)
+	if s := e.gate.state(svcKey); s != bpf.StateParked {
+		t.Fatalf("gate %v 5 s after the wake with nowhere to forward to, want held", s)
+	}
+	e.tick(6 * time.Second)
+	if s := e.gate.state(svcKey); s == bpf.StateParked {
+		t.Fatalf("gate still parked %v after the wake: a running group's address held beyond forwardHold", 11*time.Second)
+	}
+}

@@ -50,7 +50,7 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 			switch {
 			case a.forwarding(k):
 				out[k] = bpf.StateOpen
-			case a.cfg.Forwarder != nil && !elsewhere && woke < g.policy.WakeTimeout && woke < a.cfg.ForwardGrace:
+			case a.cfg.Forwarder != nil && !elsewhere && woke < forwardHold:
 				out[k] = bpf.StateParked
 			case elsewhere && woke < a.cfg.MovedFor:
 				out[k] = bpf.StateMoved
