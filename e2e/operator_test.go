@@ -151,9 +151,9 @@ func TestOperatorCLIStatusWakeSleep(t *testing.T) {
 func TestOperatorAwakeDuringWindow(t *testing.T) {
 	t.Parallel()
 	c, agent := operatorCluster(t)
-	// The window starts at the next minute that is at least 20 s away (the
-	// group first goes to sleep) and lasts one minute.
-	start := time.Now().UTC().Add(80 * time.Second).Truncate(time.Minute)
+	// The window starts at the next minute that is at least 50 s away (the
+	// group first goes to sleep, in about 20 s) and lasts one minute.
+	start := time.Now().UTC().Add(110 * time.Second).Truncate(time.Minute)
 	window := fmt.Sprintf("* %s-%s UTC", start.Format("15:04"), start.Add(time.Minute).Format("15:04"))
 	port := harness.FreePort(t, c.Net.HostAddr)
 	c.Run(t, harness.TestdataJob(t, "policy", "scheduled"), map[string]string{
