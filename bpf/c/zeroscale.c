@@ -223,6 +223,7 @@ enum replay_result {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct gate_key);
 	__type(value, struct gate_policy);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -231,6 +232,9 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 65536);
+	// Allocated as addresses are gated, not all up front (stats is
+	// per CPU: preallocated, 65536 entries cost megabytes per CPU).
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct gate_key);
 	__type(value, struct gate_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -239,6 +243,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct gate_key);
 	__type(value, struct sock_activity);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -301,6 +306,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct ns_port);
 	__type(value, struct gate_key);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -326,6 +332,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u16);
 	__type(value, __u8);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

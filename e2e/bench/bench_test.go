@@ -144,11 +144,19 @@ func xdpCost(b *testing.B, t *table) {
 	defer bpf.Uninstall(pin)
 	defer g.Close()
 	const keys = 10000
+	empty := mapMemory(b, g)
 	for i := 0; i < keys; i++ {
 		if err := g.Open(bpf.Key{Addr: netip.AddrFrom4([4]byte{10, 50, byte(i >> 8), byte(i)}), Port: 8080}); err != nil {
 			b.Fatal(err)
 		}
 	}
+	full := mapMemory(b, g)
+	cpus := runtime.NumCPU()
+	t.section("Kernel memory of the gate's maps (memlock, as the kernel charges it)",
+		fmt.Sprintf("no address gated: %.1f MiB (fixed: ring buffer, LRU flow tables, hash buckets)", float64(empty[""])/(1<<20)),
+		fmt.Sprintf("%d addresses gated: %.1f MiB; %.0f KiB per 1,000 addresses on %d CPUs, of which the per-CPU stats take %.0f KiB per 1,000 addresses per CPU",
+			keys, float64(full[""])/(1<<20), float64(full[""]-empty[""])/keys*1000/1024, cpus,
+			float64(full["stats"]-empty["stats"])/keys*1000/1024/float64(cpus)))
 	parked := netip.AddrFrom4([4]byte{10, 50, 0, 9})
 	if err := g.Park(bpf.Key{Addr: parked, Port: 8080}); err != nil {
 		b.Fatal(err)
@@ -640,4 +648,18 @@ func setEligible(b *testing.B, m *harness.MultiNode, name string, on bool) {
 		}
 	}
 	b.Fatalf("no node %s", name)
+}
+
+// mapMemory is the gate's map memory by map, and in all under "".
+func mapMemory(b *testing.B, g *bpf.Gate) map[string]uint64 {
+	m, err := g.MapMemory()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var total uint64
+	for _, n := range m {
+		total += n
+	}
+	m[""] = total
+	return m
 }
