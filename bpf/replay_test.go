@@ -46,17 +46,7 @@ func wakeScenario(t *testing.T, addr func(*testnet.Net) netip.Addr, replay bool)
 		done <- result{time.Since(began), err}
 	}()
 
-	var captured Event
-	for captured.Frame == nil {
-		select {
-		case ev := <-g.Events():
-			if ev.Is(EventCapture) && ev.Key == k {
-				captured = ev
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatal("no capture event for the client's SYN")
-		}
-	}
+	captured := waitCapture(t, g, k)
 
 	// The service starts 200 ms after the first SYN, as a fast wake would.
 	time.Sleep(200 * time.Millisecond)
@@ -191,17 +181,7 @@ func TestReplayThroughAForward(t *testing.T) {
 		}
 		done <- err
 	}()
-	var captured Event
-	for captured.Frame == nil {
-		select {
-		case ev := <-g.Events():
-			if ev.Is(EventCapture) && ev.Key == k {
-				captured = ev
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatal("no capture event for the client's SYN")
-		}
-	}
+	captured := waitCapture(t, g, k)
 
 	echoServer(t, moved.String())
 	if res, err := g.Replay(captured.Frame, captured.Ifindex, nil); err != nil || res != ReplayNoListener {
@@ -233,5 +213,20 @@ func TestReplayThroughAForward(t *testing.T) {
 	fwds, err := table.Forwards()
 	if err != nil || fwds[parked].Connections != 1 {
 		t.Fatalf("forwards %+v %v, want the replayed connection counted once", fwds, err)
+	}
+}
+
+// waitCapture waits for the capture event of a SYN to k.
+func waitCapture(t *testing.T, g *Gate, k Key) Event {
+	t.Helper()
+	for {
+		select {
+		case ev := <-g.Events():
+			if ev.Is(EventCapture) && ev.Key == k {
+				return ev
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("no capture event for the client's SYN")
+		}
 	}
 }

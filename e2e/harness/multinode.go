@@ -667,7 +667,7 @@ func (m *MultiNode) Alive() []*ClusterNode {
 	return out
 }
 
-// Spread is a running job of e2e/testdata/spread.nomad.hcl: one instance
+// Spread is a running job of e2e/testdata/policy.nomad.hcl: one instance
 // per node, at one static port on each node's address.
 type Spread struct {
 	m     *MultiNode
@@ -681,8 +681,8 @@ type Spread struct {
 func (m *MultiNode) RunSpread(t testing.TB, job string, nodes []*ClusterNode, idle time.Duration) *Spread {
 	t.Helper()
 	port := FreePorts(t, 1)[0]
-	m.Run(t, TestdataJob(t, "spread", job), map[string]string{"nodes": NodeList(nodes), "port": strconv.Itoa(port),
-		"idle_timeout": idle.String()})
+	m.Run(t, TestdataJob(t, "policy", job), map[string]string{"nodes": NodeList(nodes), "port": strconv.Itoa(port),
+		"idle_timeout": idle.String(), "max": strconv.Itoa(len(nodes))})
 	m.WaitHealthyOn(t, job, nodes, 120*time.Second)
 	return &Spread{m: m, Job: job, Port: port, Nodes: nodes}
 }

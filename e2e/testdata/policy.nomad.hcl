@@ -1,6 +1,8 @@
-# One instance on a static port of one node, with the operator's policy
-# fields as variables: awake_during, wake_with, max. Tests run it under other
-# job names by rewriting the job's label.
+# One instance on each of the nodes named, at the same static port on each
+# node's address (every node gates its own address), with the operator's
+# policy fields as variables: awake_during, wake_with, max (at least the
+# number of nodes). Tests run it under other job names by rewriting the
+# job's label.
 
 variable "nodes" {
   type        = list(string)

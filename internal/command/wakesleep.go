@@ -2,6 +2,7 @@ package command
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"strings"
 	"time"
@@ -40,22 +41,8 @@ func (c *wakeCommand) Run(args []string) int {
 	fs := c.flags("wake")
 	detach := fs.Bool("detach", false, "")
 	timeout := fs.Duration("timeout", 2*time.Minute, "")
-	if err := fs.Parse(args); err != nil || fs.NArg() != 1 {
-		c.ui.Error(c.Help())
-		return 1
-	}
-	id, err := c.groupArg(fs.Arg(0))
-	if err != nil {
-		c.ui.Error(err.Error())
-		return 1
-	}
-	client, err := c.nomad()
-	if err != nil {
-		c.ui.Error(err.Error())
-		return 1
-	}
-	if err := requireAgents(client); err != nil {
-		c.ui.Error(err.Error())
+	id, client, ok := c.target(fs, args, c.Help())
+	if !ok {
 		return 1
 	}
 	began := time.Now()
@@ -129,22 +116,8 @@ func (c *sleepCommand) Run(args []string) int {
 	fs := c.flags("sleep")
 	detach := fs.Bool("detach", false, "")
 	timeout := fs.Duration("timeout", time.Minute, "")
-	if err := fs.Parse(args); err != nil || fs.NArg() != 1 {
-		c.ui.Error(c.Help())
-		return 1
-	}
-	id, err := c.groupArg(fs.Arg(0))
-	if err != nil {
-		c.ui.Error(err.Error())
-		return 1
-	}
-	client, err := c.nomad()
-	if err != nil {
-		c.ui.Error(err.Error())
-		return 1
-	}
-	if err := requireAgents(client); err != nil {
-		c.ui.Error(err.Error())
+	id, client, ok := c.target(fs, args, c.Help())
+	if !ok {
 		return 1
 	}
 	began := time.Now()
@@ -167,4 +140,24 @@ func (c *sleepCommand) Run(args []string) int {
 	}
 	c.ui.Error(fmt.Sprintf("%s/%s still runs %s after the request (inside an awake_during window?)", id.Job, id.Group, *timeout))
 	return 1
+}
+
+// target parses a command's flags and its JOB/GROUP argument and connects to
+// a Nomad where the plugin runs; on failure it has said why.
+func (m *meta) target(fs *flag.FlagSet, args []string, help string) (scaling.GroupID, *api.Client, bool) {
+	if err := fs.Parse(args); err != nil || fs.NArg() != 1 {
+		m.ui.Error(help)
+		return scaling.GroupID{}, nil, false
+	}
+	id, err := m.groupArg(fs.Arg(0))
+	if err == nil {
+		var client *api.Client
+		if client, err = m.nomad(); err == nil {
+			if err = requireAgents(client); err == nil {
+				return id, client, true
+			}
+		}
+	}
+	m.ui.Error(err.Error())
+	return scaling.GroupID{}, nil, false
 }
