@@ -33,8 +33,11 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 			out[k] = bpf.StateOpen
 		}
 	default:
-		for k := range live {
+		for k, inst := range live {
 			out[k] = bpf.StateOpen
+			if a.startingHere(g, k, inst, now) {
+				out[k] = bpf.StateParked // its clients wait for it, as in a wake
+			}
 		}
 		elsewhere := g.passingElsewhere()
 		for k := range parked {
@@ -70,6 +73,35 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 		}
 	}
 	return out
+}
+
+// startingHere tells whether a parked local address of a group another node
+// declared awake is still waiting for its own instance here: registered
+// but neither listening (as this node saw) nor passing its checks. Its
+// clients are held, not refused, until this node sees it ready (a listener
+// or passing checks), at most wake_timeout after the wake (invariant 3).
+func (a *Agent) startingHere(g *group, k bpf.Key, inst consul.Instance, now time.Time) bool {
+	if _, wasParked := g.parkedKeys()[k]; !wasParked || !a.isLocal(k.Addr) || g.readyHere[k] {
+		return false
+	}
+	if inst.Passing {
+		return false
+	}
+	return !g.wokeFromSleep.IsZero() && now.Sub(g.wokeFromSleep) < g.policy.WakeTimeout
+}
+
+// holding tells whether an awake group still holds a local address for its
+// instance here (see startingHere).
+func (g *group) holding() bool {
+	if g.state.Phase != consul.PhaseAwake {
+		return false
+	}
+	for _, s := range g.wantGate {
+		if s == bpf.StateParked {
+			return true
+		}
+	}
+	return false
 }
 
 // syncGate makes the kernel's entries for g match desiredGate, diffing

@@ -50,13 +50,20 @@ type group struct {
 	parkDeadline  time.Time
 
 	// This node's bookkeeping.
-	readyKeys   map[bpf.Key]bool // opened here during a wake
-	parkedEpoch uint64           // the parking epoch this node has applied
-	lastReport  consul.ActivityReport
-	lastReportT time.Time
-	wake        *wakeAttempt
-	captures    map[bpf.Key][]capture
-	lastConnect time.Time // the last SYN this node dropped for the group
+	readyKeys map[bpf.Key]bool // opened here during a wake
+	// readyHere are local addresses this node saw ready since the group
+	// last parked: another node declaring the group awake does not open
+	// one whose own instance here is still starting.
+	readyHere map[bpf.Key]bool
+	// wokeFromSleep is when this node saw the group go from asleep or
+	// waking to awake (zero after a restart: nothing is held then).
+	wokeFromSleep time.Time
+	parkedEpoch   uint64 // the parking epoch this node has applied
+	lastReport    consul.ActivityReport
+	lastReportT   time.Time
+	wake          *wakeAttempt
+	captures      map[bpf.Key][]capture
+	lastConnect   time.Time // the last SYN this node dropped for the group
 	// pendingReady are addresses ready here while a group this one wakes
 	// with is not awake yet (pendingHow: how they became ready).
 	pendingReady []bpf.Key
@@ -81,6 +88,7 @@ func newGroup(id GroupID, now time.Time) *group {
 		placeholder: make(map[string][]consul.Instance),
 		state:       consul.GroupState{Phase: consul.PhaseAwake},
 		readyKeys:   make(map[bpf.Key]bool),
+		readyHere:   make(map[bpf.Key]bool),
 		captures:    make(map[bpf.Key][]capture),
 		registered:  make(map[string]consul.Placeholder),
 		netns:       make(map[string]*allocNetns),
@@ -334,7 +342,7 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 	// when the listen event was missed. Instances of the allocations that
 	// were running when the group parked do not count: Consul may still list
 	// them for a moment after the scale-down.
-	if g.sleeping() && g.state.Phase != consul.PhaseParking {
+	if g.sleeping() && g.state.Phase != consul.PhaseParking || g.holding() {
 		var ready []bpf.Key
 		for _, inst := range live {
 			if inst.Passing && !slices.Contains(g.state.Allocs, inst.AllocID) {

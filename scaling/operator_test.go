@@ -170,3 +170,32 @@ func scaleUps(n *fakeNomad) []string {
 	}
 	return out
 }
+
+// Another node declaring the group awake does not open this node's address
+// while its own new instance is still starting: its clients are held, and
+// served by the replay when the instance here listens.
+func TestEachNodeOpensWhenItsOwnInstanceIsReady(t *testing.T) {
+	n1, n2, nomad, keyB := twoNodesAsleep(t)
+	nomad.allocs["alloc-n1"], nomad.allocs["alloc-n2"] = web, web
+	n1.agent.OnGateEvent(bpf.Event{Kind: bpf.EventCapture, Key: svcKey, Source: client, Time: n1.clock.now,
+		Frame: []byte("syn 1"), FrameLen: 5, Ifindex: 3})
+	n2.agent.OnGroupStates(n2.cluster.all())
+	other := netip.MustParseAddrPort("192.0.2.10:40000")
+	n2.agent.OnGateEvent(bpf.Event{Kind: bpf.EventCapture, Key: keyB, Source: other, Time: n2.clock.now,
+		Frame: []byte("syn 2"), FrameLen: 5, Ifindex: 3})
+	insts := []consul.Instance{instance("web", svcAddr, "node-1", "alloc-n1", false), instance("web", "10.0.0.6:8080", "node-2", "alloc-n2", false)}
+	n1.agent.OnInstances("web", insts)
+	n1.agent.OnGateEvent(bpf.Event{Kind: bpf.EventListen, Key: svcKey, Time: n1.clock.now})
+	if n1.phase() != consul.PhaseAwake {
+		t.Fatalf("phase %s after node-1's listener, want awake", n1.phase())
+	}
+	n2.agent.OnInstances("web", insts)
+	n2.agent.OnGroupStates(n2.cluster.all())
+	if s := n2.gate.state(keyB); s != bpf.StateParked || len(n2.gate.replays) != 0 {
+		t.Fatalf("node-2's gate %v, %d replays before its own instance listens: want held, none", s, len(n2.gate.replays))
+	}
+	n2.agent.OnGateEvent(bpf.Event{Kind: bpf.EventListen, Key: keyB, Time: n2.clock.now})
+	if s := n2.gate.state(keyB); s != bpf.StateOpen || len(n2.gate.replays) != 1 {
+		t.Fatalf("node-2's gate %v, %d replays once its instance listens: want open, its SYN replayed", s, len(n2.gate.replays))
+	}
+}

@@ -73,6 +73,7 @@ func (a *Agent) setState(g *group, st consul.GroupState) {
 	case consul.PhaseAwake:
 		if old.Phase == consul.PhaseAsleep || old.Phase == consul.PhaseWaking {
 			g.awakeAt = now // the idle clock starts again from the wake
+			g.wokeFromSleep = now
 		}
 		g.wake = nil
 		g.parkDeadline = time.Time{}
@@ -86,6 +87,7 @@ func (a *Agent) setState(g *group, st consul.GroupState) {
 		a.releaseDependents(g)
 	case consul.PhaseParking, consul.PhaseAsleep:
 		clear(g.readyKeys)
+		clear(g.readyHere)
 		a.syncGate(g)
 		a.publishActivity(g, now)
 	case consul.PhaseWaking:
