@@ -14,6 +14,7 @@ import (
 	"time"
 
 	capi "github.com/hashicorp/consul/api"
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
 	"github.com/zeroscale/nomad-driver-zeroscale/e2e/harness"
 	"github.com/zeroscale/nomad-driver-zeroscale/internal/nat"
 )
@@ -71,6 +72,7 @@ func TestWakeAnywhereDynamicPortOnOneNode(t *testing.T) {
 	// new clients at once (they find the new one in Consul).
 	waitForwardsGone(t, table, old, time.Until(woke.Add(anywhereGrace+15*time.Second)))
 	t.Logf("forward gone %v after the wake (forward_grace %v)", time.Since(woke).Round(time.Second), anywhereGrace)
+	waitGateEntryGone(t, c, bpf.KeyFrom(old), 5*time.Second)
 	if err := refusedAt(c.Net.Dial, old); err != nil {
 		t.Fatal(err)
 	}
@@ -206,4 +208,28 @@ func refusedAt(dial func(context.Context, string, string) (net.Conn, error), add
 		return fmt.Errorf("connect to %s after the forward ended: %v, want refused at once", addr, err)
 	}
 	return nil
+}
+
+// waitGateEntryGone waits until the node's gate holds no entry for k.
+func waitGateEntryGone(t *testing.T, c *harness.Cluster, k bpf.Key, timeout time.Duration) {
+	t.Helper()
+	gate, err := bpf.Load(bpf.Options{PinPath: c.Nomad.PinPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gate.Close()
+	deadline := time.Now().Add(timeout)
+	for {
+		s, ok, err := gate.State(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the gate still holds %s (%v) %v after the forward ended", k, s, timeout)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 }

@@ -53,8 +53,12 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 			switch {
 			case a.forwarding(k):
 				out[k] = bpf.StateOpen
-			case a.cfg.Forwarder != nil && !elsewhere && woke < forwardHold:
-				out[k] = bpf.StateParked
+			case a.cfg.Forwarder != nil:
+				if !elsewhere && woke < forwardHold {
+					out[k] = bpf.StateParked
+				}
+				// Otherwise no entry: the forward has ended (or could not be
+				// set), nothing listens there, and the kernel refuses.
 			case elsewhere && woke < a.cfg.MovedFor:
 				out[k] = bpf.StateMoved
 			case woke < g.policy.WakeTimeout:
