@@ -53,9 +53,9 @@ func (a *Agent) wakeDependencies(g *group, now time.Time) {
 	}
 }
 
-// depsReady tells whether every group g wakes with is awake (those without
-// a policy are never put to sleep, so they count as awake).
-func (a *Agent) depsReady(g *group) (waiting []string) {
+// depsWaiting lists the groups g wakes with that are not awake yet (those
+// without a policy are never put to sleep, so they count as awake).
+func (a *Agent) depsWaiting(g *group) (waiting []string) {
 	for _, id := range g.policy.WakeWith {
 		if d := a.groups[id]; d != nil && d.policy != nil && d.state.Phase != consul.PhaseAwake {
 			waiting = append(waiting, id.Job+"/"+id.Group)
@@ -67,7 +67,7 @@ func (a *Agent) depsReady(g *group) (waiting []string) {
 // holdUntilDepsReady keeps g's ready addresses closed while a group it wakes
 // with is not awake yet; it tells whether it did.
 func (a *Agent) holdUntilDepsReady(g *group, keys []bpf.Key, how string) bool {
-	waiting := a.depsReady(g)
+	waiting := a.depsWaiting(g)
 	if len(waiting) == 0 {
 		return false
 	}
@@ -87,7 +87,7 @@ func (a *Agent) releaseDependents(d *group) {
 		if g.policy == nil || len(g.pendingReady) == 0 || !slices.Contains(g.policy.WakeWith, d.id) {
 			continue
 		}
-		if len(a.depsReady(g)) == 0 {
+		if len(a.depsWaiting(g)) == 0 {
 			keys, how := g.pendingReady, g.pendingHow
 			g.pendingReady = nil
 			a.markReady(g, keys, how+", after the groups it wakes with")

@@ -35,7 +35,7 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 	default:
 		for k, inst := range live {
 			out[k] = bpf.StateOpen
-			if a.startingHere(g, k, inst, now) {
+			if a.startingHere(g, k, inst, parked, now) {
 				out[k] = bpf.StateParked // its clients wait for it, as in a wake
 			}
 		}
@@ -84,8 +84,8 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 // but neither listening (as this node saw) nor passing its checks. Its
 // clients are held, not refused, until this node sees it ready (a listener
 // or passing checks), at most wake_timeout after the wake (invariant 3).
-func (a *Agent) startingHere(g *group, k bpf.Key, inst consul.Instance, now time.Time) bool {
-	if _, wasParked := g.parkedKeys()[k]; !wasParked || !a.isLocal(k.Addr) || g.readyHere[k] {
+func (a *Agent) startingHere(g *group, k bpf.Key, inst consul.Instance, parked map[bpf.Key]consul.Address, now time.Time) bool {
+	if _, wasParked := parked[k]; !wasParked || !a.isLocal(k.Addr) || g.readyHere[k] {
 		return false
 	}
 	if inst.Passing {

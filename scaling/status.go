@@ -103,8 +103,9 @@ func (a *Agent) status() Status {
 		for _, d := range g.policy.WakeWith {
 			gs.WakeWith = append(gs.WakeWith, d.Job+"/"+d.Group)
 		}
+		parked := g.parkedKeys()
 		for k, to := range a.forwards {
-			if _, ok := g.parkedKeys()[k]; ok {
+			if _, ok := parked[k]; ok {
 				gs.Forwarding = append(gs.Forwarding, k.String()+" → "+to.String())
 			}
 		}
