@@ -47,6 +47,9 @@ type Config struct {
 	// DefaultRequestTimeout when zero. Blocking queries are bounded by their
 	// wait time, Consul's jitter and this.
 	RequestTimeout time.Duration
+
+	// OnRequest, if set, hears of each request to Consul before it is sent.
+	OnRequest func(*http.Request)
 }
 
 // DefaultRequestTimeout bounds a call to Consul when Config does not say.
@@ -132,7 +135,7 @@ func apiConfig(cfg Config, logger hclog.Logger) (*capi.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("consul token: %w", err)
 	}
-	httpClient.Transport = &tokenfile.Transport{Base: transport, Header: "X-Consul-Token", Token: token}
+	httpClient.Transport = &tokenfile.Transport{Base: transport, Header: "X-Consul-Token", Token: token, OnRequest: cfg.OnRequest}
 	apiCfg.HttpClient = httpClient
 	// The transport sets the header; this only keeps capi.NewClient from
 	// reading CONSUL_HTTP_TOKEN_FILE again when a token was chosen before it.

@@ -100,6 +100,7 @@ func (a *nodeAgent) run(ctx context.Context) {
 
 	nomad, err := scaling.ConnectNomad(scaling.NomadConnection{
 		Address: s.Nomad.Address, Token: s.Nomad.Token, TokenFile: s.Nomad.TokenFile, Logger: a.logger,
+		OnRequest: metrics.CountRequests("nomad"),
 	})
 	if err != nil {
 		a.logger.Error("cannot configure the Nomad client", "error", err)
@@ -109,6 +110,7 @@ func (a *nodeAgent) run(ctx context.Context) {
 		Address: s.Consul.Address, Token: s.Consul.Token, TokenFile: s.Consul.TokenFile, KVPrefix: s.Consul.KVPrefix,
 		CAFile: s.Consul.CAFile, CertFile: s.Consul.CertFile, KeyFile: s.Consul.KeyFile,
 		TLSServerName: s.Consul.TLSServerName, InsecureSkipVerify: s.Consul.InsecureSkipVerify,
+		OnRequest: metrics.CountRequests("consul"),
 	}, a.logger)
 	if err != nil {
 		a.logger.Error("cannot configure the Consul client", "error", err)

@@ -1,6 +1,8 @@
 package scaling
 
 import (
+	"net/http"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -22,6 +24,8 @@ type Metrics struct {
 	Forwards             prometheus.Gauge
 	ForwardedConnections prometheus.Counter
 	ForwardGrace         prometheus.Gauge
+	// APIRequests is the load the plugin puts on Nomad and Consul.
+	APIRequests *prometheus.CounterVec
 }
 
 // NewMetrics creates the series and registers them on reg (nil: a private
@@ -83,9 +87,27 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "zeroscale_forward_grace_seconds",
 			Help: "How long after a wake a parked address forwards new connections (forward_grace).",
 		}),
+		APIRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "zeroscale_api_requests_total",
+			Help: "Requests this plugin sent to Nomad and Consul (api), blocking queries apart (kind=blocking, else once).",
+		}, []string{"api", "kind"}),
 	}
-	reg.MustRegister(m.Wakes, m.Sleeps, m.ParkingUndone, m.WakeLatency, m.ParkedAddresses, m.Errors,
+	reg.MustRegister(m.APIRequests, m.Wakes, m.Sleeps, m.ParkingUndone, m.WakeLatency, m.ParkedAddresses, m.Errors,
 		m.Leader, m.Replays, m.CapturesDropped, m.DryRunDecisions, m.GroupsByPhase, m.Repairs,
 		m.Forwards, m.ForwardedConnections, m.ForwardGrace)
 	return m
+}
+
+// CountRequests returns a hook for the API clients' OnRequest that counts
+// requests to api ("nomad" or "consul"); a request carrying an index is a
+// blocking query.
+func (m *Metrics) CountRequests(api string) func(*http.Request) {
+	once, blocking := m.APIRequests.WithLabelValues(api, "once"), m.APIRequests.WithLabelValues(api, "blocking")
+	return func(r *http.Request) {
+		if r.URL.Query().Has("index") {
+			blocking.Inc()
+			return
+		}
+		once.Inc()
+	}
 }

@@ -23,6 +23,8 @@ type NomadConnection struct {
 	Token     string
 	TokenFile string
 	Logger    hclog.Logger
+	// OnRequest, if set, hears of each request to Nomad before it is sent.
+	OnRequest func(*http.Request)
 }
 
 // ConnectNomad builds the Nomad client; it does not contact Nomad. A token
@@ -41,7 +43,7 @@ func ConnectNomad(c NomadConnection) (*NomadAPI, error) {
 		return nil, fmt.Errorf("nomad token: %w", err)
 	}
 	cfg.SecretID = "" // the transport sets it, read at each request
-	if cfg.HttpClient, err = nomadHTTPClient(cfg, token); err != nil {
+	if cfg.HttpClient, err = nomadHTTPClient(cfg, token, c.OnRequest); err != nil {
 		return nil, fmt.Errorf("configure nomad client: %w", err)
 	}
 	client, err := api.NewClient(cfg)
@@ -54,7 +56,7 @@ func ConnectNomad(c NomadConnection) (*NomadAPI, error) {
 // nomadHTTPClient is the client api.NewClient would build (its defaults,
 // TLS from cfg, a unix socket's dialer) with the token set at each request:
 // api.Client.SetSecretID is not safe while requests run.
-func nomadHTTPClient(cfg *api.Config, token func() string) (*http.Client, error) {
+func nomadHTTPClient(cfg *api.Config, token func() string, onRequest func(*http.Request)) (*http.Client, error) {
 	u, err := url.Parse(cfg.Address)
 	if err != nil {
 		return nil, fmt.Errorf("invalid address %q: %w", cfg.Address, err)
@@ -72,5 +74,5 @@ func nomadHTTPClient(cfg *api.Config, token func() string) (*http.Client, error)
 	if err := api.ConfigureTLS(&http.Client{Transport: transport}, cfg.TLSConfig); err != nil {
 		return nil, err
 	}
-	return &http.Client{Transport: &tokenfile.Transport{Base: transport, Header: "X-Nomad-Token", Token: token}}, nil
+	return &http.Client{Transport: &tokenfile.Transport{Base: transport, Header: "X-Nomad-Token", Token: token, OnRequest: onRequest}}, nil
 }

@@ -68,6 +68,7 @@ func BenchmarkZeroscale(b *testing.B) {
 		{"wake", func() { wakeLatency(b, &t) }},
 		{"cycles", func() { wakeCycles(b, &t, 50) }},
 		{"multinode", func() { multiNodeStorm(b, &t) }},
+		{"groups", func() { manyGroups(b, &t) }},
 	}
 	// ZS_BENCH_ONLY=name[,name] runs some sections (while working on one).
 	only := os.Getenv("ZS_BENCH_ONLY")

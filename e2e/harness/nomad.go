@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"bytes"
 	"cmp"
 	"fmt"
 	"os"
@@ -529,4 +530,23 @@ func unmountUnder(dir string) {
 
 func uninstall(plugin, pinPath string) {
 	_ = exec.Command(plugin, "uninstall", pinPath).Run()
+}
+
+// PluginPID is the pid of the plugin process this Nomad agent runs (0:
+// none runs).
+func (n *Nomad) PluginPID() int {
+	for _, pid := range Processes(func(args []string) bool {
+		return len(args) == 1 && strings.HasSuffix(args[0], "/plugins/nomad-driver-zeroscale")
+	}) {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		// The parent's pid is the second field after the command's ")".
+		fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+		if len(fields) > 1 && fields[1] == strconv.Itoa(n.cmd.Process.Pid) {
+			return pid
+		}
+	}
+	return 0
 }

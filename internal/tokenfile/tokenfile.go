@@ -141,11 +141,17 @@ type Transport struct {
 	Base   http.RoundTripper
 	Header string // "X-Nomad-Token", "X-Consul-Token"
 	Token  func() string
+	// OnRequest, if set, hears of each request before it is sent (the
+	// plugin counts the load it puts on the agents).
+	OnRequest func(*http.Request)
 }
 
 // RoundTrip sends a copy of req carrying the current token (a RoundTripper
 // must not change the caller's request).
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if t.OnRequest != nil {
+		t.OnRequest(req)
+	}
 	token := t.Token()
 	if token == "" {
 		return t.Base.RoundTrip(req)
