@@ -112,7 +112,20 @@ func decideRecord(v recordView) (recordRepair, bool) {
 		}
 		return awake(fmt.Sprintf("parking abandoned after %s", age.Round(time.Second)))
 	case consul.PhaseAsleep:
-		if desired == 0 || age <= v.settle {
+		if desired == 0 {
+			// Instances arrive one service at a time: a group found asleep
+			// by its first service's placeholder must also be wakeable at
+			// the addresses its other services turn up at.
+			if more := missingAddresses(cur.Addresses, v.known); len(more) > 0 {
+				next := cur
+				next.Addresses = append(slices.Clone(cur.Addresses), more...)
+				sortAddresses(next.Addresses)
+				why := fmt.Sprintf("%d more addresses known while asleep", len(more))
+				return recordRepair{next: next, why: why}, true
+			}
+			return recordRepair{}, false
+		}
+		if age <= v.settle {
 			return recordRepair{}, false
 		}
 		if v.oldAllocsRunning {
@@ -144,6 +157,17 @@ func decideRecord(v recordView) (recordRepair, bool) {
 		return asleep("wake abandoned: count is still 0")
 	}
 	return recordRepair{}, false
+}
+
+// missingAddresses are the known addresses the record does not hold.
+func missingAddresses(recorded, known []consul.Address) []consul.Address {
+	var out []consul.Address
+	for _, k := range known {
+		if !slices.ContainsFunc(recorded, func(r consul.Address) bool { return r.Addr == k.Addr }) {
+			out = append(out, k)
+		}
+	}
+	return out
 }
 
 func sortAddresses(addrs []consul.Address) {

@@ -1,6 +1,7 @@
 package scaling
 
 import (
+	"slices"
 	"testing"
 	"time"
 
@@ -10,6 +11,7 @@ import (
 func TestDecideRecordTable(t *testing.T) {
 	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
 	addr := []consul.Address{{Service: "web", Addr: svcAddr, Node: "node-1"}}
+	otherAddr := consul.Address{Service: "admin", Addr: "10.0.0.5:8081", Node: "node-1"}
 	policy := Policy{WakeTimeout: 2 * time.Minute}
 	count := func(n int, readAgo time.Duration) nomadView {
 		return nomadView{status: ScaleStatus{Desired: n}, at: now.Add(-readAgo)}
@@ -42,6 +44,8 @@ func TestDecideRecordTable(t *testing.T) {
 			recordView{record: rec(consul.PhaseParking, time.Minute), nomad: count(0, time.Second), known: addr, parkAbandon: 30 * time.Second}, consul.PhaseAsleep},
 		{"asleep at count 0: nothing to do",
 			recordView{record: rec(consul.PhaseAsleep, time.Hour), nomad: count(0, time.Second), known: addr}, ""},
+		{"asleep at count 0 with an address known since it slept: recorded, so it wakes there too",
+			recordView{record: rec(consul.PhaseAsleep, time.Hour), nomad: count(0, time.Second), known: append(slices.Clone(addr), otherAddr)}, consul.PhaseAsleep},
 		{"asleep with the count up, within settle: wait for the scale-down to land",
 			recordView{record: rec(consul.PhaseAsleep, 5*time.Second), nomad: count(1, time.Second), settle: 15 * time.Second}, ""},
 		{"asleep with the parked allocation still running: the scale-down never happened",
@@ -83,8 +87,11 @@ func TestDecideRecordTable(t *testing.T) {
 			case ok && r.next.Phase != tc.wantPhase:
 				t.Fatalf("phase %s (%s), want %s", r.next.Phase, r.why, tc.wantPhase)
 			}
-			if ok && r.next.Phase == consul.PhaseAsleep && len(r.next.Addresses) == 0 {
-				t.Fatal("asleep with no address: nothing could wake it")
+			if ok && r.next.Phase == consul.PhaseAsleep && len(r.next.Addresses) < len(tc.v.known) {
+				t.Fatalf("asleep at %v, known at %v: an address nothing could wake it at", r.next.Addresses, tc.v.known)
+			}
+			if ok && !tc.v.recordLost && tc.v.record.Phase == consul.PhaseAsleep && r.next.Phase == consul.PhaseAsleep && !r.next.Since.Equal(tc.v.record.Since) {
+				t.Fatal("adding addresses to a sleeping record restarted its timers")
 			}
 		})
 	}
