@@ -23,13 +23,17 @@ const nomadServicePrefix = "_nomad-task-"
 
 // Instance is one registered instance of a service.
 type Instance struct {
-	ID       string
-	Service  string
-	Address  netip.Addr
-	Port     uint16
-	Node     string
-	AllocID  string // for Nomad-registered instances
-	Passing  bool   // every check passing
+	ID      string
+	Service string
+	Address netip.Addr
+	Port    uint16
+	Node    string
+	AllocID string // for Nomad-registered instances
+	Passing bool   // every check passing
+	// Checked: the instance has checks of its own. Without any, Consul
+	// calls it passing from its registration on, before its task even
+	// runs: that is no sign it serves.
+	Checked  bool
 	Tags     []string
 	Meta     map[string]string
 	Nomad    bool // registered by Nomad (external-source = nomad)
@@ -83,6 +87,11 @@ func instanceFrom(e *capi.ServiceEntry) (Instance, bool) {
 	}
 	if e.Node != nil {
 		inst.Node = e.Node.Node
+	}
+	for _, c := range e.Checks {
+		if c != nil && c.ServiceID == e.Service.ID {
+			inst.Checked = true
+		}
 	}
 	inst.Nomad = e.Service.Meta["external-source"] == "nomad"
 	if alloc, ok := AllocIDFromServiceID(e.Service.ID); ok {

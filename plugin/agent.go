@@ -185,6 +185,7 @@ func (a *nodeAgent) run(ctx context.Context) {
 		}, reportErr("activity watch failed"))
 	})
 	goRun(func() { a.followPolicies(ctx, nomad, agent, watch) })
+	goRun(func() { a.followJobs(ctx, nomad, agent) })
 	goRun(func() { a.rescanInterfaces(ctx) })
 	goRun(func() { a.cleanStaleReports(ctx, cc, cluster) })
 
@@ -248,6 +249,39 @@ func (a *nodeAgent) followPolicies(ctx context.Context, nomad *scaling.NomadAPI,
 		case <-ctx.Done():
 			return
 		}
+	}
+}
+
+// followJobs tells the agent when jobs change, with one blocking query over
+// every job, so it need not poll each group's count.
+func (a *nodeAgent) followJobs(ctx context.Context, nomad *scaling.NomadAPI, agent *scaling.Agent) {
+	var index uint64
+	failures := 0
+	for ctx.Err() == nil {
+		stubs, next, err := nomad.Jobs(index, 5*time.Minute)
+		if err != nil {
+			failures++
+			if failures == 1 {
+				a.logger.Warn("cannot list jobs: polling each group's count instead", "error", err)
+			}
+			agent.Do(ctx, agent.OnJobsLost)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(min(time.Duration(failures)*time.Second, 30*time.Second)):
+			}
+			index = 0 // start over: changes meanwhile were missed
+			continue
+		}
+		if failures > 0 {
+			a.logger.Info("following jobs again", "after_failures", failures)
+		}
+		failures = 0
+		if next < index {
+			next = 0
+		}
+		index = next
+		agent.Do(ctx, func() { agent.OnJobs(stubs) })
 	}
 }
 

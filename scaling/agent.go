@@ -53,8 +53,13 @@ type Config struct {
 	// DeploymentPoll: an idle group whose job is deploying is checked again
 	// this often (Nomad refuses scaling during a deployment).
 	DeploymentPoll time.Duration
-	// NomadPollInterval: each group's count is read at least this often.
+	// NomadPollInterval: each group's count is read at least this often
+	// while the job list is not followed (OnJobs), and awake groups' on the
+	// leader, which acts on sleep requests (scaling events move no job).
 	NomadPollInterval time.Duration
+	// NomadResync: while the job list is followed, a group whose job did
+	// not change is read again this often all the same.
+	NomadResync time.Duration
 	// RecordRefresh: each group's record is re-read consistently this often.
 	RecordRefresh time.Duration
 	// ScaleSettle is how long a Scale may take to show in Nomad's count.
@@ -128,6 +133,9 @@ func (c *Config) setDefaults() {
 	if c.NomadPollInterval <= 0 {
 		c.NomadPollInterval = 5 * time.Second
 	}
+	if c.NomadResync <= 0 {
+		c.NomadResync = 5 * time.Minute
+	}
 	if c.RecordRefresh <= 0 {
 		c.RecordRefresh = 30 * time.Second
 	}
@@ -185,6 +193,9 @@ type Agent struct {
 	// written); forwardedSeen are their connection counts then.
 	forwards      map[bpf.Key]netip.AddrPort
 	forwardedSeen map[bpf.Key]uint64
+	// jobsWatched: OnJobs follows every job's changes, so groups whose job
+	// did not change need no polling.
+	jobsWatched bool
 	// started and policiesRead gate the removal of unowned entries.
 	started      time.Time
 	policiesRead bool

@@ -718,3 +718,29 @@ func TestIdleDuringADeploymentParksAsSoonAsItEnds(t *testing.T) {
 		t.Fatalf("phase %s 3s after the deployment ended, want asleep (not 30s later)", e.phase())
 	}
 }
+
+// A service without checks of its own passes in Consul from the moment
+// Nomad registers it, before its task runs: that opens no gate (clients
+// would be refused); its listener does, whatever ready says.
+func TestAnInstanceWithoutChecksIsReadyWhenItListens(t *testing.T) {
+	for _, ready := range []string{"listen", "healthy"} {
+		t.Run(ready, func(t *testing.T) {
+			e := newEnv(t, newFakeKV(), standardNomad(map[string]any{"idle_timeout": "10m", "ready": ready}), "node-1", []string{"10.0.0.5"})
+			e.agent.OnLeader(true)
+			e.agent.OnPolicies(e.nomad.stubs())
+			e.agent.OnInstances("web", []consul.Instance{instance("web", svcAddr, "node-1", allocA, true)})
+			e.sleep()
+			e.syn(client, bpf.EventWake|bpf.EventCapture)
+			unchecked := instance("web", svcAddr, "node-1", allocB, true)
+			unchecked.Checked = false
+			e.agent.OnInstances("web", []consul.Instance{unchecked})
+			if e.phase() != consul.PhaseWaking || e.gate.state(svcKey) != bpf.StateParked {
+				t.Fatalf("phase %s, gate %v once an instance without checks registered: want waking and parked", e.phase(), e.gate.state(svcKey))
+			}
+			e.agent.OnGateEvent(bpf.Event{Kind: bpf.EventListen, Key: svcKey, Time: e.clock.now})
+			if e.phase() != consul.PhaseAwake || e.gate.state(svcKey) != bpf.StateOpen {
+				t.Fatalf("phase %s, gate %v once it listens: want awake and open", e.phase(), e.gate.state(svcKey))
+			}
+		})
+	}
+}

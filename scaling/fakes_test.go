@@ -147,6 +147,8 @@ type fakeNomad struct {
 	// scaleErrs are returned by the next Scale calls that change the count.
 	scaleErrs []error
 	deploying map[GroupID]bool
+	// statusReads counts ScaleStatus calls.
+	statusReads int
 }
 
 func newFakeNomad() *fakeNomad {
@@ -189,6 +191,7 @@ func (n *fakeNomad) Group(id GroupID) (GroupSpec, error) {
 func (n *fakeNomad) ScaleStatus(id GroupID) (ScaleStatus, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	n.statusReads++
 	return n.status[id], nil
 }
 func (n *fakeNomad) Scale(id GroupID, count *int, msg string, isErr bool, meta map[string]any) error {
@@ -344,7 +347,7 @@ func zeroscalePolicy(id string, g GroupID, modify uint64, block map[string]any) 
 func instance(service string, ap string, node string, alloc string, passing bool) consul.Instance {
 	a := netip.MustParseAddrPort(ap)
 	return consul.Instance{ID: fmt.Sprintf("_nomad-task-%s-group-web-%s-http", alloc, service), Service: service,
-		Address: a.Addr(), Port: a.Port(), Node: node, AllocID: alloc, Passing: passing, Nomad: true}
+		Address: a.Addr(), Port: a.Port(), Node: node, AllocID: alloc, Passing: passing, Checked: true, Nomad: true}
 }
 
 // fakeForwarder holds forwards as the kernel would.

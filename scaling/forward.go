@@ -57,29 +57,30 @@ func (a *Agent) desiredForwards(g *group) map[bpf.Key]netip.AddrPort {
 	}
 	live := g.liveKeys()
 	out := make(map[bpf.Key]netip.AddrPort)
-	for k := range g.parkedKeys() {
+	for k, parked := range g.parkedKeys() {
 		if _, ok := live[k]; ok || !a.isLocal(k.Addr) {
 			continue
 		}
-		if to, ok := a.forwardTarget(g, k, live); ok {
+		if to, ok := a.forwardTarget(g, k, parked.Service, live); ok {
 			out[k] = to
 		}
 	}
 	return out
 }
 
-// forwardTarget picks the instance a parked address forwards to: of its
+// forwardTarget picks the instance a parked address forwards to: of the
+// same service (a group's other services speak other protocols) and
 // address family; passing in Consul first, then the one on the node that
 // declared the group ready; this node's before others (no hop); then by
 // address, so every pass picks the same.
-func (a *Agent) forwardTarget(g *group, from bpf.Key, live map[bpf.Key]consul.Instance) (netip.AddrPort, bool) {
+func (a *Agent) forwardTarget(g *group, from bpf.Key, service string, live map[bpf.Key]consul.Instance) (netip.AddrPort, bool) {
 	type candidate struct {
 		key  bpf.Key
 		rank int
 	}
 	var cands []candidate
 	for k, inst := range live {
-		if k.Addr.Is4() != from.Addr.Is4() {
+		if inst.Service != service || k.Addr.Is4() != from.Addr.Is4() {
 			continue
 		}
 		rank := 0

@@ -103,3 +103,21 @@ func TestHoldForAForwardIsBounded(t *testing.T) {
 		t.Fatalf("gate still parked %v after the wake: a running group's address held beyond forwardHold", 11*time.Second)
 	}
 }
+
+// A group's services speak different protocols: a parked address forwards
+// only to an instance of its own service, never to a sibling's that came up
+// first.
+func TestAParkedAddressForwardsOnlyToItsOwnService(t *testing.T) {
+	e := awakeEnv(t, func(c *Config) { c.Forwarder = newFakeForwarder() })
+	g := e.agent.groups[web]
+	admin := instance("admin", "10.0.0.5:8081", "node-1", allocB, true)
+	live := map[bpf.Key]consul.Instance{bpf.KeyFrom(admin.AddrPort()): admin}
+	if to, ok := e.agent.forwardTarget(g, svcKey, "web", live); ok {
+		t.Fatalf("web's parked address forwards to %s, admin's instance", to)
+	}
+	moved := instance("web", "10.0.0.5:23456", "node-1", allocB, true)
+	live[bpf.KeyFrom(moved.AddrPort())] = moved
+	if to, ok := e.agent.forwardTarget(g, svcKey, "web", live); !ok || to != moved.AddrPort() {
+		t.Fatalf("forward to %v (%v), want web's new instance %s", to, ok, moved.AddrPort())
+	}
+}

@@ -37,6 +37,11 @@ type group struct {
 	unsynced bool
 	pushedAt time.Time
 	nomad    nomadView
+	// job is the job's stub as last listed; nomadDirty and specDirty: it
+	// changed since the count or the spec was last read.
+	job        JobStub
+	nomadDirty bool
+	specDirty  bool
 	// lastLive are the addresses of the last live instances seen, so a group
 	// scaled to 0 outside zeroscale stays wakeable at them.
 	lastLive []consul.Address
@@ -133,6 +138,22 @@ func (g *group) keys() map[bpf.Key]bool {
 		}
 	}
 	return out
+}
+
+// unchecked tells whether the group's instances have no checks of their
+// own: Consul's "passing" says nothing of them, so their listener tells
+// when they are ready, whatever the policy's ready says.
+func (g *group) unchecked() bool {
+	seen := false
+	for _, insts := range g.instances {
+		for _, inst := range insts {
+			if inst.Checked {
+				return false
+			}
+			seen = true
+		}
+	}
+	return seen
 }
 
 func (g *group) sleeping() bool {
@@ -233,7 +254,7 @@ func (a *Agent) refreshSpec(g *group, now time.Time) {
 		a.logger.Warn("cannot read the group's job", "group", g.id.String(), "error", err)
 		return
 	}
-	g.spec, g.specRead = spec, now
+	g.spec, g.specRead, g.specDirty = spec, now, false
 	g.services = make(map[string]bool)
 	var problems, moves []string
 	for _, s := range spec.Services {
@@ -337,7 +358,8 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 	if g.policy == nil {
 		return
 	}
-	// A passing instance of a new allocation means the group is up: with
+	// A passing instance of a new allocation means the group is up (one
+	// with checks of its own: without, it passes before it listens): with
 	// ready = "healthy" that is the signal; with "listen" it is the fallback
 	// when the listen event was missed. Instances of the allocations that
 	// were running when the group parked do not count: Consul may still list
@@ -345,7 +367,7 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 	if g.sleeping() && g.state.Phase != consul.PhaseParking || g.holding() {
 		var ready []bpf.Key
 		for _, inst := range live {
-			if inst.Passing && !slices.Contains(g.state.Allocs, inst.AllocID) {
+			if inst.Passing && inst.Checked && !slices.Contains(g.state.Allocs, inst.AllocID) {
 				ready = append(ready, bpf.KeyFrom(inst.AddrPort()))
 			}
 		}

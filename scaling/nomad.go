@@ -97,6 +97,39 @@ func (n *NomadAPI) Policies(waitIndex uint64, wait time.Duration) ([]PolicyStub,
 	return out, meta.LastIndex, nil
 }
 
+// JobStub says when a job last changed: its spec or status (ModifyIndex,
+// which a Scale or a stop moves) or its allocations' counts (SummaryIndex).
+type JobStub struct {
+	Namespace, ID  string
+	ModifyIndex    uint64
+	JobModifyIndex uint64 // the spec's version
+	SummaryIndex   uint64
+}
+
+// Jobs lists every job's stub, blocking until index moves past waitIndex:
+// one query tells which of many groups' counts may have changed.
+func (n *NomadAPI) Jobs(waitIndex uint64, wait time.Duration) ([]JobStub, uint64, error) {
+	if waitIndex > 0 && wait <= 0 {
+		wait = nomadDefaultWait
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), wait+wait/16+n.requestTimeout())
+	defer cancel()
+	q := &api.QueryOptions{Namespace: "*", WaitIndex: waitIndex, WaitTime: wait}
+	stubs, meta, err := n.client.Jobs().List(q.WithContext(ctx))
+	if err != nil {
+		return nil, waitIndex, nomadFailed(err, "list jobs")
+	}
+	out := make([]JobStub, 0, len(stubs))
+	for _, s := range stubs {
+		js := JobStub{Namespace: s.Namespace, ID: s.ID, ModifyIndex: s.ModifyIndex, JobModifyIndex: s.JobModifyIndex}
+		if s.JobSummary != nil {
+			js.SummaryIndex = s.JobSummary.ModifyIndex
+		}
+		out = append(out, js)
+	}
+	return out, meta.LastIndex, nil
+}
+
 func (n *NomadAPI) Policy(id string) (*api.ScalingPolicy, error) {
 	ctx, cancel := n.requestContext()
 	defer cancel()

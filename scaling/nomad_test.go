@@ -114,3 +114,37 @@ func TestNomadAPIAgainstARealAgent(t *testing.T) {
 		t.Fatalf("alloc group %+v %v", g, err)
 	}
 }
+
+// While the job list is followed, a sleeping group whose job does not
+// change costs no request to Nomad beyond a resync; a change to its job is
+// read at the next pass. When the list cannot be followed, groups are
+// polled again.
+func TestFollowedJobsReplacePolling(t *testing.T) {
+	e := awakeEnv(t)
+	e.sleep()
+	stub := JobStub{Namespace: web.Namespace, ID: web.Job, ModifyIndex: 10, JobModifyIndex: 5, SummaryIndex: 10}
+	e.agent.OnJobs([]JobStub{stub})
+	e.tick(time.Second) // the first list marks every group for one read
+	reads := func(d time.Duration) int {
+		before := e.nomad.statusReads
+		for range int(d / (500 * time.Millisecond)) {
+			e.tick(500 * time.Millisecond)
+		}
+		return e.nomad.statusReads - before
+	}
+	if n := reads(time.Minute); n != 0 {
+		t.Fatalf("%d count reads in a minute of an unchanged job: want none", n)
+	}
+	stub.ModifyIndex, stub.SummaryIndex = 11, 11
+	e.agent.OnJobs([]JobStub{stub})
+	if n := reads(time.Second); n != 1 {
+		t.Fatalf("%d count reads after the job changed: want 1", n)
+	}
+	if n := reads(5 * time.Minute); n != 1 {
+		t.Fatalf("%d count reads over a resync interval: want 1", n)
+	}
+	e.agent.OnJobsLost()
+	if n := reads(time.Minute); n < 10 {
+		t.Fatalf("%d count reads in a minute without the job list: want polling every %s", n, e.agent.cfg.NomadPollInterval)
+	}
+}

@@ -25,13 +25,14 @@ func (v nomadView) fresh(t time.Time) bool {
 	return !v.at.IsZero() && v.err == nil && v.at.After(t)
 }
 
-// observeNomad reads the group's count when the last reading is older than
-// NomadPollInterval (or force is set). Every call has a timeout (NomadAPI),
-// so a hung Nomad delays a pass by at most that much.
+// observeNomad reads the group's count when nomadReadDue says (or force is
+// set). Every call has a timeout (NomadAPI), so a hung Nomad delays a pass
+// by at most that much.
 func (a *Agent) observeNomad(g *group, now time.Time, force bool) {
-	if !force && !g.nomad.at.IsZero() && now.Sub(g.nomad.at) < a.cfg.NomadPollInterval {
+	if !force && !a.nomadReadDue(g, now) {
 		return
 	}
+	g.nomadDirty = false
 	status, err := a.cfg.Nomad.ScaleStatus(g.id)
 	g.nomad.at = now
 	if err != nil {
@@ -43,6 +44,66 @@ func (a *Agent) observeNomad(g *group, now time.Time, force bool) {
 	}
 	g.nomad = nomadView{status: status, at: now}
 }
+
+// nomadReadDue tells whether the group's count must be read again: never
+// read, its job changed, its record changed since (decideRecord trusts only
+// a count read after that), or the last read is older than the poll
+// interval. While the job list is followed that interval is NomadResync,
+// except for awake groups on the leader: it acts on sleep requests, which
+// are scaling events and change no job.
+func (a *Agent) nomadReadDue(g *group, now time.Time) bool {
+	if g.nomad.at.IsZero() || g.nomadDirty || g.nomad.at.Before(g.state.Since) {
+		return true
+	}
+	every := a.cfg.NomadPollInterval
+	if a.jobsWatched && g.nomad.err == nil && !(a.leader && g.state.Phase == consul.PhaseAwake) {
+		every = a.cfg.NomadResync
+	}
+	return now.Sub(g.nomad.at) >= every
+}
+
+// specReadDue tells whether the group's job spec must be read again: its
+// job's spec changed, or a resync is due (every minute while the job list
+// is not followed).
+func (a *Agent) specReadDue(g *group, now time.Time) bool {
+	if g.specDirty {
+		return true
+	}
+	every := time.Minute
+	if a.jobsWatched {
+		every = a.cfg.NomadResync
+	}
+	return now.Sub(g.specRead) > every
+}
+
+// OnJobs applies the job list (a blocking query over every job): a group
+// whose job changed is read again at the next pass; the others need no
+// polling while the list is followed.
+func (a *Agent) OnJobs(stubs []JobStub) {
+	type jobID struct{ namespace, id string }
+	byJob := make(map[jobID]JobStub, len(stubs))
+	for _, s := range stubs {
+		byJob[jobID{s.Namespace, s.ID}] = s
+	}
+	for _, g := range a.groups {
+		s, ok := byJob[jobID{g.id.Namespace, g.id.Job}]
+		if !ok {
+			g.nomadDirty = true // purged: the read says so
+			continue
+		}
+		if s.ModifyIndex != g.job.ModifyIndex || s.SummaryIndex != g.job.SummaryIndex {
+			g.nomadDirty = true
+		}
+		if s.JobModifyIndex != g.job.JobModifyIndex && !g.specRead.IsZero() {
+			g.specDirty = true
+		}
+		g.job = s
+	}
+	a.jobsWatched = true
+}
+
+// OnJobsLost: the job list cannot be followed now; groups are polled.
+func (a *Agent) OnJobsLost() { a.jobsWatched = false }
 
 // observeRecord re-reads the group's record with a consistent read every
 // RecordRefresh: the watch may have been told nothing after a KV wipe or a

@@ -28,7 +28,7 @@ func (a *Agent) Tick() {
 		a.recentListens = a.recentListens[1:]
 	}
 	for _, g := range a.groups {
-		if g.policy != nil && now.Sub(g.specRead) > time.Minute {
+		if g.policy != nil && a.specReadDue(g, now) {
 			a.refreshSpec(g, now) // the job may have changed its services
 		}
 		a.reconcile(g, now)

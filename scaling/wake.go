@@ -278,7 +278,7 @@ func (a *Agent) ownListener(g *group, l listenSeen) bool {
 // checkListening marks g ready if one of the listen events matches a local
 // address of g while it sleeps.
 func (a *Agent) checkListening(g *group, evs []listenSeen) {
-	if g.policy == nil || g.policy.Ready != ReadyListen || !g.sleeping() && !g.holding() || g.state.Phase == consul.PhaseParking {
+	if g.policy == nil || g.policy.Ready != ReadyListen && !g.unchecked() || !g.sleeping() && !g.holding() || g.state.Phase == consul.PhaseParking {
 		return
 	}
 	var ready []bpf.Key
