@@ -682,3 +682,44 @@ func TestREADMEPolicyIsEnough(t *testing.T) {
 		t.Fatalf("deregister: %v", err)
 	}
 }
+
+// An instance without checks of its own passes in Consul from its
+// registration on: Checked tells it from one whose checks pass. Every
+// group's record is read at once by GroupStates.
+func TestInstancesSayWhetherTheyHaveChecksAndRecordsReadAtOnce(t *testing.T) {
+	agent := harness.StartConsul(t, harness.ConsulOptions{})
+	c := newClient(t, agent.HTTPAddr, "")
+	api := agent.Client(t, "")
+	registerLikeNomad(t, api, "web", "10.7.0.5", 8080)
+	err := api.Agent().ServiceRegister(&capi.AgentServiceRegistration{
+		ID: "checked-web", Name: "web", Address: "10.7.0.6", Port: 8080,
+		Check: &capi.AgentServiceCheck{TTL: "1m", Status: capi.HealthPassing},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	insts, err := c.Instances("web")
+	if err != nil || len(insts) != 2 {
+		t.Fatalf("instances %+v, %v", insts, err)
+	}
+	for _, inst := range insts {
+		if !inst.Passing || inst.Checked != (inst.ID == "checked-web") {
+			t.Errorf("%s: passing %v checked %v", inst.ID, inst.Passing, inst.Checked)
+		}
+	}
+
+	a, b := GroupKey("default", "a", "web"), GroupKey("default", "b", "web")
+	if _, err := c.SwapGroupState(a, GroupState{}, GroupState{Phase: PhaseAsleep, Epoch: 2}); err != nil {
+		t.Fatal(err)
+	}
+	all, err := c.GroupStates()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, ok := all[a]; !ok || st.Phase != PhaseAsleep || st.Epoch != 2 || st.Index == 0 {
+		t.Fatalf("record of %s: %+v (%v)", a, st, ok)
+	}
+	if st, ok := all[b]; ok {
+		t.Fatalf("a record for %s, which has none: %+v", b, st)
+	}
+}

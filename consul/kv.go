@@ -158,6 +158,28 @@ func (c *Client) GroupState(group string) (GroupState, error) {
 	return decodeState(p)
 }
 
+// GroupStates reads every group's record at once (a consistent read), by
+// group key; a group without a record is absent.
+func (c *Client) GroupStates() (map[string]GroupState, error) {
+	ctx, cancel := c.requestContext(context.Background())
+	defer cancel()
+	prefix := c.prefix + "/groups/"
+	pairs, _, err := c.api.KV().List(prefix, (&capi.QueryOptions{RequireConsistent: true}).WithContext(ctx))
+	if err != nil {
+		return nil, classify(err, c.kvNeed(), "read the group states")
+	}
+	out := make(map[string]GroupState, len(pairs))
+	for _, p := range pairs {
+		st, err := decodeState(p)
+		if err != nil {
+			c.logger.Warn("ignoring an unreadable group state", "error", err)
+			continue
+		}
+		out[strings.TrimPrefix(p.Key, prefix)] = st
+	}
+	return out, nil
+}
+
 func decodeState(p *capi.KVPair) (GroupState, error) {
 	var st GroupState
 	if err := json.Unmarshal(p.Value, &st); err != nil {

@@ -60,7 +60,7 @@ type Config struct {
 	// NomadResync: while the job list is followed, a group whose job did
 	// not change is read again this often all the same.
 	NomadResync time.Duration
-	// RecordRefresh: each group's record is re-read consistently this often.
+	// RecordRefresh: every group's record is re-read consistently this often.
 	RecordRefresh time.Duration
 	// ScaleSettle is how long a Scale may take to show in Nomad's count.
 	ScaleSettle time.Duration
@@ -196,6 +196,8 @@ type Agent struct {
 	// jobsWatched: OnJobs follows every job's changes, so groups whose job
 	// did not change need no polling.
 	jobsWatched bool
+	// recordsReadAt is when every record was last read consistently.
+	recordsReadAt time.Time
 	// started and policiesRead gate the removal of unowned entries.
 	started      time.Time
 	policiesRead bool

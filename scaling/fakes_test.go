@@ -262,6 +262,8 @@ type fakeKV struct {
 	mu     sync.Mutex
 	index  uint64
 	states map[string]consul.GroupState
+	// listReads counts GroupStates calls.
+	listReads int
 }
 
 func newFakeKV() *fakeKV { return &fakeKV{states: map[string]consul.GroupState{}} }
@@ -289,6 +291,12 @@ func (c *fakeCluster) GroupState(group string) (consul.GroupState, error) {
 		return consul.GroupState{Phase: consul.PhaseAwake}, nil
 	}
 	return st, nil
+}
+func (c *fakeCluster) GroupStates() (map[string]consul.GroupState, error) {
+	c.kv.mu.Lock()
+	defer c.kv.mu.Unlock()
+	c.kv.listReads++
+	return maps.Clone(c.kv.states), nil
 }
 func (c *fakeCluster) SwapGroupState(group string, expected, next consul.GroupState) (consul.GroupState, error) {
 	if c.failSwaps != nil {

@@ -31,8 +31,7 @@ type group struct {
 	state consul.GroupState
 	// recordLost: Consul lost the record this node held (KV wiped or
 	// restored); state is this node's copy until the reconciler rebuilds it.
-	recordLost   bool
-	recordReadAt time.Time
+	recordLost bool
 	// unsynced: this node acted on a state Consul has not stored yet.
 	unsynced bool
 	pushedAt time.Time
@@ -217,7 +216,6 @@ func (a *Agent) OnPolicies(stubs []PolicyStub) {
 		if !known {
 			// Pick up where the cluster is (after a restart: maybe asleep).
 			if st, err := a.cfg.Cluster.GroupState(g.id.Key()); err == nil {
-				g.recordReadAt = now
 				a.adopt(g, st)
 			} else {
 				a.logger.Warn("cannot read group state", "group", g.id.String(), "error", err)

@@ -124,6 +124,8 @@ type Cluster interface {
 	NodeName() string
 	IsLeader() bool
 	GroupState(group string) (consul.GroupState, error)
+	// GroupStates reads every group's record (absent: no record).
+	GroupStates() (map[string]consul.GroupState, error)
 	SwapGroupState(group string, expected, next consul.GroupState) (consul.GroupState, error)
 	DeleteGroupState(group string) error
 	PublishActivity(group string, r consul.ActivityReport) error

@@ -105,21 +105,30 @@ func (a *Agent) OnJobs(stubs []JobStub) {
 // OnJobsLost: the job list cannot be followed now; groups are polled.
 func (a *Agent) OnJobsLost() { a.jobsWatched = false }
 
-// observeRecord re-reads the group's record with a consistent read every
-// RecordRefresh: the watch may have been told nothing after a KV wipe or a
-// snapshot restore, and the record is only a cache of what Nomad says.
-func (a *Agent) observeRecord(g *group, now time.Time) {
-	if now.Sub(g.recordReadAt) < a.cfg.RecordRefresh {
+// observeRecords re-reads every group's record with one consistent read
+// every RecordRefresh: the watch may have been told nothing after a KV wipe
+// or a snapshot restore, and a record is only a cache of what Nomad says.
+func (a *Agent) observeRecords(now time.Time) {
+	if now.Sub(a.recordsReadAt) < a.cfg.RecordRefresh {
 		return
 	}
-	g.recordReadAt = now
-	st, err := a.cfg.Cluster.GroupState(g.id.Key())
+	a.recordsReadAt = now
+	states, err := a.cfg.Cluster.GroupStates()
 	if err != nil {
 		a.cfg.Metrics.Errors.WithLabelValues("consul").Inc()
-		a.logger.Debug("cannot read group state", "group", g.id.String(), "error", err)
+		a.logger.Debug("cannot read the group states", "error", err)
 		return
 	}
-	a.adopt(g, st)
+	for _, g := range a.groups {
+		if g.policy == nil {
+			continue
+		}
+		st, ok := states[g.id.Key()]
+		if !ok {
+			st = consul.GroupState{Phase: consul.PhaseAwake}
+		}
+		a.adopt(g, st)
+	}
 }
 
 // observeKernel reads back the gate's entries once per pass.

@@ -18,6 +18,7 @@ func (a *Agent) Tick() {
 	a.observeKernel()
 	a.observeForwards()
 	a.retryPending(now)
+	a.observeRecords(now)
 	if len(a.unresolved) > 0 && now.Sub(a.unresolvedRetry) >= a.cfg.NomadPollInterval {
 		a.unresolvedRetry = now
 		for service, insts := range a.unresolved {
@@ -56,7 +57,6 @@ func (a *Agent) reconcile(g *group, now time.Time) {
 		return
 	}
 	a.pushUnsynced(g)
-	a.observeRecord(g, now)
 	a.observeNomad(g, now, false)
 	stopped := g.nomad.err == nil && g.nomad.status.Stopped || g.nomad.gone
 	if stopped != g.stoodDown {
