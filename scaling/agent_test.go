@@ -744,3 +744,28 @@ func TestAnInstanceWithoutChecksIsReadyWhenItListens(t *testing.T) {
 		})
 	}
 }
+
+// A sleeping group publishes no activity heartbeat (a thousand of them
+// would cost Consul a write each every 30 s); once it wakes it reports at
+// once.
+func TestSleepingGroupsSendNoHeartbeat(t *testing.T) {
+	e := awakeEnv(t)
+	e.sleep()
+	e.tick(time.Second)
+	before := len(e.cluster.published)
+	for range 10 {
+		e.tick(30 * time.Second)
+	}
+	if n := len(e.cluster.published) - before; n != 0 {
+		t.Fatalf("%d activity reports in 5 minutes asleep: want none", n)
+	}
+	e.syn(client, bpf.EventWake|bpf.EventCapture)
+	e.agent.OnGateEvent(bpf.Event{Kind: bpf.EventListen, Key: svcKey, Time: e.clock.now})
+	if e.phase() != consul.PhaseAwake {
+		t.Fatalf("phase %s, want awake", e.phase())
+	}
+	e.tick(time.Second)
+	if n := len(e.cluster.published) - before; n == 0 {
+		t.Fatal("no activity report after the wake")
+	}
+}

@@ -275,8 +275,11 @@ func (a *Agent) publishActivity(g *group, now time.Time) {
 	prev := g.lastReport
 	changed := r.Established != prev.Established || !r.LastActive.Equal(prev.LastActive)
 	urgent := r.ParkedEpoch != prev.ParkedEpoch
-	due := now.Sub(g.lastReportT) >= a.cfg.HeartbeatInterval ||
-		changed && now.Sub(g.lastReportT) >= a.cfg.ReportInterval
+	// A sleeping group's activity decides nothing until it wakes (then it
+	// reports at once: its last report is old): no heartbeat, so a
+	// thousand sleeping groups cost Consul no writes.
+	heartbeat := g.state.Phase != consul.PhaseAsleep && now.Sub(g.lastReportT) >= a.cfg.HeartbeatInterval
+	due := heartbeat || changed && now.Sub(g.lastReportT) >= a.cfg.ReportInterval
 	if !urgent && !due {
 		return
 	}
