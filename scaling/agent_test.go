@@ -769,3 +769,41 @@ func TestSleepingGroupsSendNoHeartbeat(t *testing.T) {
 		t.Fatal("no activity report after the wake")
 	}
 }
+
+// A group at count 0 that nobody parked (its record lost, or scaled to 0
+// by an operator) is found asleep by the first of its services' instances
+// that arrives; the others' addresses, arriving later, are recorded and
+// gated too, so it wakes at every one of them. The job list is followed,
+// so the count is not polled.
+func TestAGroupFoundAsleepIsGatedAtEveryServicesAddress(t *testing.T) {
+	nomad := standardNomad(defaultBlock())
+	nomad.specs[web] = GroupSpec{Pinned: true, Services: []ServiceSpec{
+		{Name: "web", PortLabel: "http", StaticPort: 8080, Provider: "consul"},
+		{Name: "admin", PortLabel: "admin", StaticPort: 8081, Provider: "consul"}}}
+	nomad.status[web] = ScaleStatus{}
+	e := newEnv(t, newFakeKV(), nomad, "node-1", []string{"10.0.0.5"})
+	e.agent.OnLeader(true)
+	e.agent.OnPolicies(nomad.stubs())
+	e.agent.OnJobs([]JobStub{{Namespace: web.Namespace, ID: web.Job, ModifyIndex: 3}})
+	placeholder := func(service, addr string) consul.Instance {
+		ap := netip.MustParseAddrPort(addr)
+		return consul.Instance{Service: service, Address: ap.Addr(), Port: ap.Port(), Node: "node-1", Asleep: true, Passing: true,
+			Meta: map[string]string{consul.MetaNamespace: web.Namespace, consul.MetaJob: web.Job, consul.MetaGroup: web.Group}}
+	}
+	e.agent.OnInstances("web", []consul.Instance{placeholder("web", svcAddr)})
+	e.tick(time.Second)
+	if e.phase() != consul.PhaseAsleep {
+		t.Fatalf("phase %s, want asleep", e.phase())
+	}
+	e.agent.OnInstances("admin", []consul.Instance{placeholder("admin", "10.0.0.5:8081")})
+	e.tick(time.Second)
+	e.tick(time.Second)
+	adminKey := bpf.KeyFrom(netip.MustParseAddrPort("10.0.0.5:8081"))
+	if s := e.gate.state(adminKey); s != bpf.StateParked {
+		st, _ := e.cluster.GroupState(web.Key())
+		t.Fatalf("admin's address is %v (record holds %v): want parked", s, st.Addresses)
+	}
+	if s := e.gate.state(svcKey); s != bpf.StateParked {
+		t.Fatalf("web's address is %v: want parked", s)
+	}
+}

@@ -52,7 +52,9 @@ func (a *Agent) observeNomad(g *group, now time.Time, force bool) {
 // except for awake groups on the leader: it acts on sleep requests, which
 // are scaling events and change no job.
 func (a *Agent) nomadReadDue(g *group, now time.Time) bool {
-	if g.nomad.at.IsZero() || g.nomadDirty || g.nomad.at.Before(g.state.Since) {
+	// A count read in the same pass that changed the record (at equal to
+	// Since) is not after it: read again.
+	if g.nomad.at.IsZero() || g.nomadDirty || !g.nomad.at.After(g.state.Since) {
 		return true
 	}
 	every := a.cfg.NomadPollInterval
