@@ -134,9 +134,17 @@ func (a *nodeAgent) run(ctx context.Context) {
 	} else {
 		fwd = f
 	}
+	// The watch's callbacks reach the agent built below.
+	var agent *scaling.Agent
+	watch := cc.NewWatch(ctx, func(service string, insts []consul.Instance) {
+		agent.Do(ctx, func() { agent.OnInstances(service, insts) })
+	}, func(service string, err error) {
+		a.logger.Warn("service watch failed", "service", service, "error", err)
+	})
+	defer watch.Stop()
 	placeholders := cc.NewPlaceholders(consul.PlaceholderOptions{})
 	cluster := &consul.Cluster{Client: cc, Placeholders: placeholders, Node: node}
-	agent := scaling.NewAgent(scaling.Config{
+	agent = scaling.NewAgent(scaling.Config{
 		Gate: gate, Nomad: nomad, Cluster: cluster, Logger: a.logger, Metrics: metrics,
 		DryRun: s.DryRun, SYNReplay: s.SYNReplay, SYNMaxAge: s.synMaxAge,
 		OnAwake: func(id scaling.GroupID, msg string) {
@@ -145,22 +153,16 @@ func (a *nodeAgent) run(ctx context.Context) {
 		OnUnrecorded: func(id scaling.GroupID, msg string) {
 			a.driver.EmitGroupEvent(id.Namespace, id.Job, id.Group, msg)
 		},
-		GateReady:     a.gateReady,
-		ListenerAlloc: listenerAlloc(a.logger),
-		Namespaces:    namespaces,
-		Forwarder:     fwd,
-		ForwardGrace:  s.forwardGrace,
+		GateReady:      a.gateReady,
+		ListenerAlloc:  listenerAlloc(a.logger),
+		Namespaces:     namespaces,
+		Forwarder:      fwd,
+		ForwardGrace:   s.forwardGrace,
+		FollowServices: watch.SetServices,
 	})
 	cluster.Leader = cc.NewLeader(consul.LeaderOptions{Name: node}, func(leader bool) {
 		agent.Do(ctx, func() { agent.OnLeader(leader) })
 	})
-
-	watch := cc.NewWatch(ctx, func(service string, insts []consul.Instance) {
-		agent.Do(ctx, func() { agent.OnInstances(service, insts) })
-	}, func(service string, err error) {
-		a.logger.Warn("service watch failed", "service", service, "error", err)
-	})
-	defer watch.Stop()
 
 	reportErr := func(what string) func(error) {
 		return func(err error) { a.logger.Warn(what, "error", err) }
@@ -184,7 +186,7 @@ func (a *nodeAgent) run(ctx context.Context) {
 			agent.Do(ctx, func() { agent.OnActivityReports(m) })
 		}, reportErr("activity watch failed"))
 	})
-	goRun(func() { a.followPolicies(ctx, nomad, agent, watch) })
+	goRun(func() { a.followPolicies(ctx, nomad, agent) })
 	goRun(func() { a.followJobs(ctx, nomad, agent) })
 	goRun(func() { a.rescanInterfaces(ctx) })
 	goRun(func() { a.cleanStaleReports(ctx, cc, cluster) })
@@ -218,7 +220,7 @@ func (a *nodeAgent) waitForConsul(ctx context.Context, cc *consul.Client) string
 }
 
 // followPolicies keeps the agent's policies current with blocking queries.
-func (a *nodeAgent) followPolicies(ctx context.Context, nomad *scaling.NomadAPI, agent *scaling.Agent, watch *consul.Watch) {
+func (a *nodeAgent) followPolicies(ctx context.Context, nomad *scaling.NomadAPI, agent *scaling.Agent) {
 	var index uint64
 	failures := 0
 	for ctx.Err() == nil {
@@ -242,7 +244,6 @@ func (a *nodeAgent) followPolicies(ctx context.Context, nomad *scaling.NomadAPI,
 		agent.Do(ctx, func() {
 			defer close(done)
 			agent.OnPolicies(stubs)
-			watch.SetServices(agent.Services())
 		})
 		select {
 		case <-done:

@@ -88,6 +88,10 @@ type Config struct {
 	// ForwardGrace is how long after a wake such forwards take new
 	// connections (clients that still resolve the old address).
 	ForwardGrace time.Duration
+	// FollowServices, if set, hears which services' instances to follow
+	// (OnInstances), most urgent first, whenever that changes: sleeping
+	// groups' services drop out until they wake.
+	FollowServices func(names []string)
 }
 
 func (c *Config) setDefaults() {
@@ -196,6 +200,8 @@ type Agent struct {
 	// jobsWatched: OnJobs follows every job's changes, so groups whose job
 	// did not change need no polling.
 	jobsWatched bool
+	// followed is the service list last given to FollowServices.
+	followed []string
 	// recordsReadAt is when every record was last read consistently.
 	recordsReadAt time.Time
 	// started and policiesRead gate the removal of unowned entries.

@@ -3,6 +3,7 @@ package scaling
 import (
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -805,5 +806,33 @@ func TestAGroupFoundAsleepIsGatedAtEveryServicesAddress(t *testing.T) {
 	}
 	if s := e.gate.state(svcKey); s != bpf.StateParked {
 		t.Fatalf("web's address is %v: want parked", s)
+	}
+}
+
+// A group settled asleep needs no instance watch (a thousand sleeping
+// groups would hold a thousand blocking queries); one that wakes is
+// followed again at once, ahead of awake groups.
+func TestSettledAsleepGroupsAreNotFollowed(t *testing.T) {
+	var followed [][]string
+	e := awakeEnv(t, func(c *Config) { c.FollowServices = func(s []string) { followed = append(followed, s) } })
+	if got := e.agent.Services(); !slices.Equal(got, []string{"web"}) {
+		t.Fatalf("awake group's services followed: %v", got)
+	}
+	e.sleep()
+	e.tick(30 * time.Second)
+	if got := e.agent.Services(); !slices.Equal(got, []string{"web"}) {
+		t.Fatalf("followed %v within a minute of the sleep: want web (its instances are leaving)", got)
+	}
+	e.tick(31 * time.Second)
+	if got := e.agent.Services(); len(got) != 0 {
+		t.Fatalf("followed %v a minute into the sleep: want nothing", got)
+	}
+	if last := followed[len(followed)-1]; len(last) != 0 {
+		t.Fatalf("the watch was last told %v", last)
+	}
+	e.syn(client, bpf.EventWake|bpf.EventCapture)
+	e.tick(500 * time.Millisecond)
+	if last := followed[len(followed)-1]; !slices.Equal(last, []string{"web"}) {
+		t.Fatalf("the watch was last told %v after the wake began: want web", last)
 	}
 }

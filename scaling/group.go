@@ -1,6 +1,7 @@
 package scaling
 
 import (
+	"cmp"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -230,18 +231,71 @@ func (a *Agent) OnPolicies(stubs []PolicyStub) {
 	a.refuseWakeWithCycles()
 	a.policiesRead = true
 	a.reindex()
+	a.followServices()
 }
 
-// Services lists the Consul services the gated groups register, for the
+// Services lists the Consul services whose instances the agent follows:
+// the gated groups' services but those of groups settled asleep, most
+// urgent first (waking and parking groups', then awake ones'), for the
 // instance watch.
 func (a *Agent) Services() []string {
-	set := map[string]bool{}
+	now := a.clock.Now()
+	rank := func(g *group) int {
+		switch {
+		case g.state.Phase == consul.PhaseWaking || g.state.Phase == consul.PhaseParking:
+			return 0 // their instances decide readiness and parking now
+		case g.state.Phase == consul.PhaseAwake:
+			return 1
+		}
+		return 2
+	}
+	best := map[string]int{}
 	for _, g := range a.groups {
+		if g.settledAsleep(now) {
+			continue
+		}
+		r := rank(g)
 		for s := range g.services {
-			set[s] = true
+			if cur, ok := best[s]; !ok || r < cur {
+				best[s] = r
+			}
 		}
 	}
-	return slices.Sorted(maps.Keys(set))
+	out := slices.Collect(maps.Keys(best))
+	slices.SortFunc(out, func(x, y string) int { return cmp.Or(cmp.Compare(best[x], best[y]), strings.Compare(x, y)) })
+	return out
+}
+
+// settledAsleep tells whether the group sleeps with nothing left to learn
+// from its instances: asleep over a minute at count 0, every service's
+// instances seen, none live, its addresses recorded. Until it wakes, which
+// its record or Nomad's count says first, its services need no watch: a
+// thousand sleeping groups hold no connection to Consul.
+func (g *group) settledAsleep(now time.Time) bool {
+	if g.state.Phase != consul.PhaseAsleep || now.Sub(g.state.Since) < time.Minute || len(g.state.Addresses) == 0 ||
+		g.nomad.at.IsZero() || g.nomad.err != nil || g.nomad.status.Desired != 0 || len(g.liveKeys()) > 0 {
+		return false
+	}
+	for s := range g.services {
+		if _, seen := g.placeholder[s]; !seen {
+			return false
+		}
+	}
+	return true
+}
+
+// followServices tells the service watch which services to follow when
+// that changes (most urgent first).
+func (a *Agent) followServices() {
+	if a.cfg.FollowServices == nil {
+		return
+	}
+	want := a.Services()
+	if slices.Equal(want, a.followed) {
+		return
+	}
+	a.followed = want
+	a.cfg.FollowServices(want)
 }
 
 // refreshSpec reads the group's job spec and warns about addresses that

@@ -47,6 +47,7 @@ func (a *Agent) Tick() {
 	a.endForwards(now)
 	a.removeOrphans(now)
 	a.syncMappedPorts()
+	a.followServices()
 	a.updateGauges()
 }
 
