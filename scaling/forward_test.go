@@ -58,6 +58,27 @@ func TestParkedAddressForwardsToWhereTheGroupWoke(t *testing.T) {
 	}
 }
 
+// A group that woke right here is not held for a forward: this node saw its
+// new allocation listen at the parked address, before its instance shows in
+// Consul (which lags, and under a SYN storm lagged by 15 s).
+func TestAGroupThatWokeHereIsNotHeldForAForward(t *testing.T) {
+	e := awakeEnv(t, func(c *Config) { c.Forwarder = newFakeForwarder() })
+	e.sleep()
+	e.syn(client, bpf.EventWake|bpf.EventCapture)
+	e.clock.Advance(300 * time.Millisecond)
+	e.agent.OnGateEvent(bpf.Event{Kind: bpf.EventListen, Key: bpf.Key{Addr: netip.IPv4Unspecified(), Port: 8080}})
+	if e.phase() != consul.PhaseAwake {
+		t.Fatalf("phase %s after the listener, want awake", e.phase())
+	}
+	if s := e.gate.state(svcKey); s != bpf.StateOpen {
+		t.Fatalf("gate %v once awake with the group listening here, want open", s)
+	}
+	e.tick(time.Second)
+	if s := e.gate.state(svcKey); s != bpf.StateOpen {
+		t.Fatalf("gate %v a second later, Consul still without the instance, want open", s)
+	}
+}
+
 // Until somewhere to forward to is known, clients of the parked address are
 // held, not refused; the held SYNs go through once the forward is in place.
 func TestClientsAreHeldUntilTheForwardIsInPlace(t *testing.T) {

@@ -53,6 +53,10 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 			switch {
 			case a.forwarding(k):
 				out[k] = bpf.StateOpen
+			case g.readyHere[k]:
+				// It did come back here: this node saw its new allocation
+				// ready at k, and Consul's view has yet to list it.
+				out[k] = bpf.StateOpen
 			case a.cfg.Forwarder != nil:
 				if !elsewhere && woke < forwardHold {
 					out[k] = bpf.StateParked

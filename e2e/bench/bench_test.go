@@ -69,6 +69,7 @@ func BenchmarkZeroscale(b *testing.B) {
 		{"cycles", func() { wakeCycles(b, &t, 50) }},
 		{"multinode", func() { multiNodeStorm(b, &t) }},
 		{"groups", func() { manyGroups(b, &t) }},
+		{"storm", func() { synStorm(b, &t) }},
 	}
 	// ZS_BENCH_ONLY=name[,name] runs some sections (while working on one).
 	only := os.Getenv("ZS_BENCH_ONLY")
