@@ -326,8 +326,8 @@ func (a *Agent) OnInstances(service string, instances []consul.Instance) {
 		}
 		a.setInstances(g, service, byGroup[id])
 		a.forwardAndReplay(g) // a new instance is somewhere to forward to
+		a.reindexGroup(g)
 	}
-	a.reindex()
 }
 
 // allocGroup resolves an allocation to its group (allocations never move).
@@ -402,11 +402,28 @@ func (a *Agent) retryPending(now time.Time) {
 func (a *Agent) reindex() {
 	idx := make(map[bpf.Key]GroupID)
 	for id, g := range a.groups {
-		for k := range g.keys() {
+		g.indexed = g.keys()
+		for k := range g.indexed {
 			idx[k] = id
 		}
 	}
 	a.keyIndex = idx
+}
+
+// reindexGroup brings the key → group index up to date for one group's
+// keys: rebuilding it whole for each of 10,000 services' instance lists
+// was quadratic.
+func (a *Agent) reindexGroup(g *group) {
+	keys := g.keys()
+	for k := range g.indexed {
+		if !keys[k] && a.keyIndex[k] == g.id {
+			delete(a.keyIndex, k)
+		}
+	}
+	for k := range keys {
+		a.keyIndex[k] = g.id
+	}
+	g.indexed = keys
 }
 
 func (a *Agent) updateGauges() {

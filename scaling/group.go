@@ -37,6 +37,8 @@ type group struct {
 	unsynced bool
 	pushedAt time.Time
 	nomad    nomadView
+	// indexed are the keys of the agent's key index that point here.
+	indexed map[bpf.Key]bool
 	// job is the job's stub as last listed; nomadDirty and specDirty: it
 	// changed since the count or the spec was last read.
 	job        JobStub

@@ -98,7 +98,7 @@ func (a *Agent) setState(g *group, st consul.GroupState) {
 		a.syncGate(g)
 	}
 	a.syncPlaceholders(g, now)
-	a.reindex()
+	a.reindexGroup(g)
 }
 
 // change moves the group to next with check-and-set. When Consul cannot be
