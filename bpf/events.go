@@ -52,7 +52,8 @@ type Event struct {
 // Is reports whether the event has kind k.
 func (e Event) Is(k EventKind) bool { return e.Kind&k != 0 }
 
-// DroppedEvents counts events lost because nobody read Events fast enough.
+// DroppedEvents counts capture events lost because nobody read Events fast
+// enough (wake and listen events are never dropped here).
 func (g *Gate) DroppedEvents() uint64 { return atomic.LoadUint64(&g.dropped) }
 
 func (g *Gate) readEvents() {
@@ -72,10 +73,23 @@ func (g *Gate) readEvents() {
 			g.logger.Warn("dropped a short kernel event", "bytes", len(rec.RawSample))
 			continue
 		}
+		if ev.Is(EventWake | EventListen) {
+			// A wake or a listener decides what the scaler does: wait for
+			// room (the ring buffer holds what comes meanwhile) rather than
+			// lose one; under a SYN storm the captures filled the channel
+			// and lost listen events left woken groups shut until Consul
+			// caught up.
+			select {
+			case g.events <- ev:
+			case <-g.closing:
+				return
+			}
+			continue
+		}
 		select {
 		case g.events <- ev:
 		default:
-			atomic.AddUint64(&g.dropped, 1)
+			atomic.AddUint64(&g.dropped, 1) // a capture: its client retransmits
 		}
 	}
 }

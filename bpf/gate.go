@@ -93,7 +93,8 @@ type Gate struct {
 	events     chan Event
 	reader     *ringbuf.Reader
 	readerDone chan struct{}
-	dropped    uint64 // events lost because the channel was full
+	closing    chan struct{} // closed by Close: a reader waiting for room gives up
+	dropped    uint64        // events lost because the channel was full
 	// clampedReads counts Activity reads that found a negative
 	// established count and reported 0.
 	clampedReads atomic.Uint64
@@ -127,6 +128,7 @@ func Load(opts Options) (*Gate, error) {
 		links:      make(map[string]attachedLink),
 		watched:    make(map[uint16]bool),
 		events:     make(chan Event, opts.EventBuffer),
+		closing:    make(chan struct{}),
 		readerDone: make(chan struct{}),
 	}
 	loadOpts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.PinPath}}
@@ -343,6 +345,7 @@ func (g *Gate) Events() <-chan Event {
 // gate keeps working until the next Load or Uninstall.
 func (g *Gate) Close() error {
 	g.closeOnce.Do(func() {
+		close(g.closing)
 		if g.reader != nil {
 			_ = g.reader.Close()
 			<-g.readerDone
