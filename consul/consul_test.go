@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -217,6 +218,279 @@ func TestWatchDeliversOnlyChanges(t *testing.T) {
 	defer mu.Unlock()
 	if fmt.Sprint(sizes) != "[0 1 0]" {
 		t.Fatalf("delivered lists of sizes %v, want [0 1 0]: the first answer, then only changes", sizes)
+	}
+}
+
+// deliveries records what a watch delivered, service by service.
+type deliveries struct {
+	mu     sync.Mutex
+	lists  map[string][][]Instance
+	errors []error
+}
+
+func newDeliveries() *deliveries { return &deliveries{lists: map[string][][]Instance{}} }
+
+func (d *deliveries) onChange(service string, insts []Instance) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.lists[service] = append(d.lists[service], insts)
+}
+
+func (d *deliveries) onError(service string, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.errors = append(d.errors, fmt.Errorf("%s: %w", service, err))
+}
+
+// sizes is the size of each list delivered for each service.
+func (d *deliveries) sizes() map[string][]int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[string][]int{}
+	for service, lists := range d.lists {
+		for _, l := range lists {
+			out[service] = append(out[service], len(l))
+		}
+	}
+	return out
+}
+
+func (d *deliveries) errs() []error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.errors)
+}
+
+// waitUntil polls ok until it holds, or fails the test after timeout.
+func waitUntil(t *testing.T, what string, timeout time.Duration, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v: %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// The services beyond maxBlocking are polled: they get their first list
+// and their changes like the others, and a service moving between blocking
+// query and poller is not delivered its unchanged list again.
+func TestWatchPollsTheServicesBeyondItsBlockingQueries(t *testing.T) {
+	agent := harness.StartConsul(t, harness.ConsulOptions{})
+	api := agent.Client(t, "")
+	c := newClient(t, agent.HTTPAddr, "")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	got := newDeliveries()
+	w := c.NewWatch(ctx, got.onChange, got.onError)
+	w.maxBlocking = 2
+	w.minPollGap = 200 * time.Millisecond // each polled service read 5 times a second
+	defer w.Stop()
+	names := []string{"svc-0", "svc-1", "svc-2", "svc-3", "svc-4", "svc-5"}
+	polled := func(want ...string) {
+		t.Helper()
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		for _, name := range names {
+			if w.isPolled(name) != slices.Contains(want, name) {
+				t.Fatalf("%s polled: %v, want the poller to read %v", name, w.isPolled(name), want)
+			}
+		}
+	}
+	expect := func(what string, want map[string][]int) {
+		t.Helper()
+		waitUntil(t, what, 10*time.Second, func() bool { return fmt.Sprint(got.sizes()) == fmt.Sprint(want) })
+		// Several rounds of the poller and wakes of the blocking queries
+		// later, nothing unchanged was delivered again.
+		time.Sleep(time.Second)
+		if sizes := got.sizes(); fmt.Sprint(sizes) != fmt.Sprint(want) {
+			t.Fatalf("%s: delivered lists of sizes %v, want %v", what, sizes, want)
+		}
+	}
+
+	w.SetServices(names)
+	polled("svc-2", "svc-3", "svc-4", "svc-5")
+	expect("first lists", map[string][]int{"svc-0": {0}, "svc-1": {0}, "svc-2": {0}, "svc-3": {0}, "svc-4": {0}, "svc-5": {0}})
+
+	registerLikeNomad(t, api, "svc-1", "10.7.0.1", 8080) // followed by a blocking query
+	registerLikeNomad(t, api, "svc-4", "10.7.0.4", 8080) // polled
+	expect("a registration each", map[string][]int{"svc-0": {0}, "svc-1": {0, 1}, "svc-2": {0}, "svc-3": {0}, "svc-4": {0, 1}, "svc-5": {0}})
+
+	// The most urgent first: svc-5 and svc-4 take the blocking queries.
+	urgentLast := slices.Clone(names)
+	slices.Reverse(urgentLast)
+	w.SetServices(urgentLast)
+	polled("svc-0", "svc-1", "svc-2", "svc-3")
+	expect("moved, unchanged", map[string][]int{"svc-0": {0}, "svc-1": {0, 1}, "svc-2": {0}, "svc-3": {0}, "svc-4": {0, 1}, "svc-5": {0}})
+
+	registerLikeNomad(t, api, "svc-0", "10.7.0.10", 8080) // moved to the poller
+	registerLikeNomad(t, api, "svc-5", "10.7.0.5", 8080)  // moved to a blocking query
+	expect("a registration each after the move", map[string][]int{"svc-0": {0, 1}, "svc-1": {0, 1}, "svc-2": {0}, "svc-3": {0}, "svc-4": {0, 1}, "svc-5": {0, 1}})
+	if errs := got.errs(); len(errs) > 0 {
+		t.Fatalf("watch errors: %v", errs)
+	}
+}
+
+// A node with many services must not open a connection per service: the
+// agent refuses a client more than http_max_conns_per_client (200), and
+// the services beyond were never seen.
+func TestWatchOfManyServicesKeepsItsConnectionsBounded(t *testing.T) {
+	const services = 300
+	agent := harness.StartConsul(t, harness.ConsulOptions{})
+	api := agent.Client(t, "")
+	var names []string
+	for i := range services {
+		names = append(names, fmt.Sprintf("many-%03d", i))
+		registerLikeNomad(t, api, names[i], "10.7.1.1", 8000+i)
+	}
+	waitUntil(t, "the catalog lists every service", 30*time.Second, func() bool {
+		all, _, err := api.Catalog().Services(nil)
+		return err == nil && len(all) > services // and the consul service
+	})
+
+	c := newClient(t, agent.HTTPAddr, "")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	got := newDeliveries()
+	w := c.NewWatch(ctx, got.onChange, got.onError)
+	defer w.Stop()
+	before := connectionsTo(t, agent.HTTPAddr)
+	var most atomic.Int32
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for ctx.Err() == nil {
+			if n := int32(connectionsTo(t, agent.HTTPAddr) - before); n > most.Load() {
+				most.Store(n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+
+	began := time.Now()
+	w.SetServices(names)
+	// 64 at once, 236 polled at 50 a second: about 5 s.
+	waitUntil(t, "every service's first list", 20*time.Second, func() bool {
+		sizes := got.sizes()
+		for _, name := range names {
+			if fmt.Sprint(sizes[name]) != "[1]" {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("%d services' first lists in %v", services, time.Since(began))
+	time.Sleep(time.Second)
+	cancel()
+	<-sampled
+	if errs := got.errs(); len(errs) > 0 {
+		t.Fatalf("%d watch errors, first %v", len(errs), errs[0])
+	}
+	if n := len(got.sizes()); n != services {
+		t.Fatalf("lists of %d services, want %d", n, services)
+	}
+	t.Logf("at most %d connections to the agent (%d blocking queries)", most.Load(), w.maxBlocking)
+	if int(most.Load()) > w.maxBlocking+4 {
+		t.Fatalf("%d connections to the agent at once, want at most %d blocking queries and a few", most.Load(), w.maxBlocking)
+	}
+}
+
+// A polled service that fails is read again after a backoff, as a blocking
+// query would be, and a denial is reported once.
+func TestWatchPollerBacksOffAndReportsADenialOnce(t *testing.T) {
+	var reads sync.Map // service → *atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		service := strings.TrimPrefix(r.URL.Path, "/v1/health/service/")
+		n, _ := reads.LoadOrStore(service, new(atomic.Int32))
+		n.(*atomic.Int32).Add(1)
+		if service == "denied" {
+			http.Error(w, "Permission denied", http.StatusForbidden)
+			return
+		}
+		http.Error(w, "rpc error", http.StatusInternalServerError)
+	}))
+	defer srv.Close()
+	c := newClient(t, srv.URL, "")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	got := newDeliveries()
+	w := c.NewWatch(ctx, got.onChange, got.onError)
+	w.maxBlocking = 0
+	w.minPollGap = 10 * time.Millisecond // unchecked, the poller would read each 25 times a second
+	w.SetServices([]string{"denied", "broken"})
+	time.Sleep(2500 * time.Millisecond)
+	w.Stop()
+
+	errs := map[string]int{}
+	for _, err := range got.errs() {
+		service, _, _ := strings.Cut(err.Error(), ":")
+		errs[service]++
+		if service == "denied" && !IsPermission(err) {
+			t.Errorf("denial reported as %v", err)
+		}
+	}
+	readsOf := func(service string) int32 {
+		n, _ := reads.Load(service)
+		return n.(*atomic.Int32).Load()
+	}
+	// Backoff of 1 s, then 2 s (±25 %): 2 or 3 reads in 2.5 s.
+	if errs["denied"] != 1 || readsOf("denied") != 1 || errs["broken"] < 2 || errs["broken"] > 3 || int32(errs["broken"]) != readsOf("broken") {
+		t.Fatalf("errors %v, reads of denied %d, of broken %d: want one denial read once, and 2 or 3 failed reads reported",
+			errs, readsOf("denied"), readsOf("broken"))
+	}
+	if len(got.sizes()) != 0 {
+		t.Fatalf("delivered %v from failed reads", got.sizes())
+	}
+}
+
+// connectionsTo counts this process's established TCP connections to addr
+// (an IPv4 host:port), from /proc.
+func connectionsTo(t *testing.T, addr string) int {
+	ap := netip.MustParseAddrPort(addr)
+	ours := map[string]bool{} // socket inodes of our file descriptors
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("no /proc to count connections: %v", err)
+	}
+	for _, fd := range fds {
+		if link, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err == nil {
+			if inode, ok := strings.CutPrefix(link, "socket:["); ok {
+				ours[strings.TrimSuffix(inode, "]")] = true
+			}
+		}
+	}
+	table, err := os.ReadFile("/proc/self/net/tcp")
+	if err != nil {
+		t.Skipf("no /proc to count connections: %v", err)
+	}
+	// 127.0.0.1:8500 is 0100007F:2134: the address's bytes in host (little
+	// endian) order, the port in hex.
+	ip := ap.Addr().As4()
+	remote := fmt.Sprintf("%02X%02X%02X%02X:%04X", ip[3], ip[2], ip[1], ip[0], ap.Port())
+	var n int
+	for _, line := range strings.Split(string(table), "\n")[1:] {
+		f := strings.Fields(line)
+		const established = "01"
+		if len(f) > 9 && f[2] == remote && f[3] == established && ours[f[9]] {
+			n++
+		}
+	}
+	return n
+}
+
+func TestPollIntervalStaysWithinBounds(t *testing.T) {
+	w := (&Client{}).NewWatch(context.Background(), nil, nil)
+	for n, want := range map[int]time.Duration{
+		1:      time.Second,           // no service read more than once a second
+		20:     50 * time.Millisecond, // 20 a second
+		100:    20 * time.Millisecond, // 50 a second
+		1000:   10 * time.Millisecond, // 100 a second: each every 10 s
+		10_000: 4 * time.Millisecond,  // 250 a second at most
+	} {
+		if got := w.pollInterval(n); got != want {
+			t.Errorf("%d services: a read every %v, want %v", n, got, want)
+		}
 	}
 }
 
@@ -532,7 +806,8 @@ func TestTooWeakTokenNamesTheMissingPermission(t *testing.T) {
 	}
 	ps := c.NewPlaceholders(PlaceholderOptions{})
 	err = ps.Register(Placeholder{Service: "web", Address: netip.MustParseAddr("10.0.0.1"), Port: 80})
-	if !errors.As(err, &pe) || !strings.Contains(pe.Needs, `service "web"`) {
+	// The plugin's own service comes first: the placeholders' checks alias it.
+	if !errors.As(err, &pe) || !strings.Contains(pe.Needs, `service "zeroscale"`) {
 		t.Fatalf("register with a read-only token: %v", err)
 	}
 	if _, err := c.SwapGroupState("g", GroupState{}, GroupState{Phase: PhaseAsleep}); !IsPermission(err) {
@@ -689,7 +964,7 @@ func TestREADMEPolicyIsEnough(t *testing.T) {
 	if err := ps.Register(p); err != nil {
 		t.Fatalf("placeholder: %v", err)
 	}
-	if err := c.API().Agent().UpdateTTL(p.checkID(), "", capi.HealthPassing); err != nil {
+	if err := ps.refresh(context.Background()); err != nil {
 		t.Fatalf("TTL update: %v", err)
 	}
 	if _, err := c.LocalPlaceholders(); err != nil {
