@@ -200,16 +200,27 @@ func (c *Client) SwapGroupState(group string, expected GroupState, st GroupState
 		return GroupState{}, fmt.Errorf("encode group state: %w", err)
 	}
 	ctx, cancel := c.requestContext(context.Background())
-	ok, _, err := c.api.KV().CAS(&capi.KVPair{Key: c.groupStateKey(group), Value: b, ModifyIndex: expected.Index}, writeOpts(ctx))
-	cancel()
+	defer cancel()
+	// One transaction sets the record and returns its new index: a CAS and a
+	// read back were two round trips on the wake's path.
+	ops := capi.TxnOps{{KV: &capi.KVTxnOp{Verb: capi.KVCAS, Key: c.groupStateKey(group), Value: b, Index: expected.Index}}}
+	ok, resp, _, err := c.api.Txn().Txn(ops, queryOpts(ctx))
 	if err != nil {
 		return GroupState{}, classify(err, c.kvNeed(), "change state of "+group)
 	}
 	if !ok {
+		for _, e := range resp.Errors {
+			if strings.Contains(strings.ToLower(e.What), "permission denied") {
+				return GroupState{}, &PermissionError{Needs: c.kvNeed(), Action: "change state of " + group, Err: errors.New(e.What)}
+			}
+		}
 		return GroupState{}, ErrConflict
 	}
-	// Read back for the new index.
-	return c.GroupState(group)
+	if len(resp.Results) != 1 || resp.Results[0].KV == nil {
+		return GroupState{}, fmt.Errorf("change state of %s: the transaction returned no entry", group)
+	}
+	st.Index = resp.Results[0].KV.ModifyIndex
+	return st, nil
 }
 
 // DeleteGroupState forgets a group (its policy went away).
