@@ -3,6 +3,7 @@ package scaling
 import (
 	"context"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	hclog "github.com/hashicorp/go-hclog"
@@ -170,6 +171,9 @@ type Agent struct {
 	clock  Clock
 
 	inbox chan func()
+	// running: Run handles the inbox; stopped is closed when it returns.
+	running atomic.Bool
+	stopped chan struct{}
 
 	groups   map[GroupID]*group
 	keyIndex map[bpf.Key]GroupID
@@ -222,6 +226,7 @@ func NewAgent(cfg Config) *Agent {
 		logger:      cfg.Logger.Named("scaling"),
 		clock:       cfg.Clock,
 		inbox:       make(chan func(), 256),
+		stopped:     make(chan struct{}),
 		groups:      make(map[GroupID]*group),
 		keyIndex:    make(map[bpf.Key]GroupID),
 		reports:     make(map[string]map[string]consul.ActivityReport),
@@ -239,6 +244,23 @@ func NewAgent(cfg Config) *Agent {
 	return a
 }
 
+// offLoop runs a slow call off the loop (cfg.Spawn) and the continuation it
+// returns back on the loop. Before Run (tests drive the agent directly)
+// both run at once.
+func (a *Agent) offLoop(work func() func()) {
+	if !a.running.Load() {
+		work()() // tests drive the agent from one goroutine
+		return
+	}
+	a.cfg.Spawn(func() {
+		then := work()
+		select {
+		case a.inbox <- then:
+		case <-a.stopped:
+		}
+	})
+}
+
 // Do queues f to run on the agent's goroutine (for watchers and callbacks).
 func (a *Agent) Do(ctx context.Context, f func()) {
 	select {
@@ -251,6 +273,8 @@ func (a *Agent) Do(ctx context.Context, f func()) {
 func (a *Agent) Run(ctx context.Context, events <-chan bpf.Event) {
 	tick := time.NewTicker(a.cfg.TickInterval)
 	defer tick.Stop()
+	a.running.Store(true)
+	defer close(a.stopped)
 	for {
 		select {
 		case <-ctx.Done():

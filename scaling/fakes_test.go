@@ -149,6 +149,9 @@ type fakeNomad struct {
 	deploying map[GroupID]bool
 	// statusReads counts ScaleStatus calls.
 	statusReads int
+	// scaleHold, if set, is called (without the lock) by each Scale that
+	// changes the count before it applies, and may block.
+	scaleHold func(GroupID)
 }
 
 func newFakeNomad() *fakeNomad {
@@ -195,6 +198,12 @@ func (n *fakeNomad) ScaleStatus(id GroupID) (ScaleStatus, error) {
 	return n.status[id], nil
 }
 func (n *fakeNomad) Scale(id GroupID, count *int, msg string, isErr bool, meta map[string]any) error {
+	n.mu.Lock()
+	hold := n.scaleHold
+	n.mu.Unlock()
+	if hold != nil && count != nil {
+		hold(id)
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if count != nil && len(n.scaleErrs) > 0 {

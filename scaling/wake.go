@@ -21,6 +21,7 @@ type wakeAttempt struct {
 	deadline  time.Time
 	winner    bool // this node won the wake and owns the Scale call
 	scaled    bool
+	calling   bool // tryScaleUp's calls to Nomad are under way
 	nextTry   time.Time
 	tries     int
 	failed    string // a non-retryable failure, reported once
@@ -103,20 +104,53 @@ func (a *Agent) takeOverWake(g *group, now time.Time) {
 }
 
 // tryScaleUp scales the group to wake_count if Nomad still has it at zero.
+// Nomad's two calls run off the loop and their outcome is applied on it: a
+// storm waking a hundred groups at once queued them one after another (16 s
+// until the last group's Scale).
 func (a *Agent) tryScaleUp(g *group, now time.Time) {
 	w := g.wake
-	if w == nil || !w.winner || w.failed != "" {
+	if w == nil || !w.winner || w.failed != "" || w.calling {
 		return
 	}
 	w.tries++
-	a.observeNomad(g, now, true)
-	status, err := g.nomad.status, g.nomad.err
-	if err != nil {
+	w.calling = true
+	id, count := g.id, g.policy.WakeCount
+	msg, meta := "zeroscale: wake on connect", map[string]any{"zeroscale": "wake", "node": a.node}
+	if w.why != "" {
+		msg, meta["reason"] = "zeroscale: wake on "+w.why, w.why
+	}
+	if w.from.IsValid() {
+		msg += " from " + w.from.String()
+		meta["source"] = w.from.String()
+	}
+	a.offLoop(func() func() {
+		status, readErr := a.cfg.Nomad.ScaleStatus(id)
+		var scaleErr error
+		scaled := readErr == nil && !status.Stopped && status.Desired == 0
+		if scaled {
+			scaleErr = a.cfg.Nomad.Scale(id, &count, msg, false, meta)
+		}
+		return func() { a.scaleUpDone(id, w, status, readErr, scaled, scaleErr) }
+	})
+}
+
+// scaleUpDone applies what tryScaleUp's calls found: the count read, and
+// the Scale's outcome if it called it.
+func (a *Agent) scaleUpDone(id GroupID, w *wakeAttempt, status ScaleStatus, readErr error, scaled bool, scaleErr error) {
+	w.calling = false
+	g := a.groups[id]
+	if g == nil || g.wake != w {
+		return // the wake ended meanwhile (timed out, or the group released)
+	}
+	now := a.clock.Now()
+	if readErr != nil {
+		g.nomad = nomadView{at: now, err: readErr, gone: isNotFound(readErr)}
 		a.cfg.Metrics.Errors.WithLabelValues("nomad").Inc()
 		w.nextTry = now.Add(backoff(w.tries))
-		a.logger.Warn("cannot read the group's count; retrying", "group", g.id.String(), "error", err)
+		a.logger.Warn("cannot read the group's count; retrying", "group", g.id.String(), "error", readErr)
 		return
 	}
+	g.nomad, g.nomadDirty = nomadView{status: status, at: now}, false
 	if status.Stopped {
 		// The operator stopped the job: their intent wins over the connect.
 		w.failed = "the job is stopped"
@@ -124,7 +158,7 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 		a.logger.Info("connect to a stopped job; not waking it", "group", g.id.String())
 		return
 	}
-	if status.Desired > 0 {
+	if !scaled {
 		w.scaled = true
 		w.nextTry = now.Add(2 * time.Second) // keep an eye on it: a racing scale-down may land
 		// The allocation that was parked still runs and passes: the
@@ -141,31 +175,21 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 		}
 		return
 	}
-	count := g.policy.WakeCount
-	msg, meta := "zeroscale: wake on connect", map[string]any{"zeroscale": "wake", "node": a.node}
-	if w.why != "" {
-		msg, meta["reason"] = "zeroscale: wake on "+w.why, w.why
-	}
-	if w.from.IsValid() {
-		msg += " from " + w.from.String()
-		meta["source"] = w.from.String()
-	}
-	err = a.cfg.Nomad.Scale(g.id, &count, msg, false, meta)
-	g.nomad.at = time.Time{}
-	if err == nil {
+	g.nomad.at = time.Time{} // the count changed: read it again
+	if scaleErr == nil {
 		w.scaled = true
 		w.nextTry = now.Add(2 * time.Second)
 		a.cfg.Metrics.Wakes.WithLabelValues(g.id.Namespace, g.id.Job, g.id.Group).Inc()
 		return
 	}
 	a.cfg.Metrics.Errors.WithLabelValues("scale_up").Inc()
-	if Retryable(err) {
+	if Retryable(scaleErr) {
 		w.nextTry = now.Add(backoff(w.tries))
-		a.logger.Info("wake scale-up refused for now; retrying", "group", g.id.String(), "error", err, "retry_in", w.nextTry.Sub(now).String())
+		a.logger.Info("wake scale-up refused for now; retrying", "group", g.id.String(), "error", scaleErr, "retry_in", w.nextTry.Sub(now).String())
 		return
 	}
-	w.failed = err.Error()
-	a.reportOnce(g, "wake-failed-"+err.Error(), true, "zeroscale: wake failed: "+err.Error())
+	w.failed = scaleErr.Error()
+	a.reportOnce(g, "wake-failed-"+scaleErr.Error(), true, "zeroscale: wake failed: "+scaleErr.Error())
 }
 
 func backoff(tries int) time.Duration {
