@@ -313,12 +313,17 @@ func (a *Agent) OnActivityReports(all map[string]map[string]consul.ActivityRepor
 
 // OnGroupStates applies the cluster's group records.
 func (a *Agent) OnGroupStates(states map[string]consul.GroupState) {
+	// The snapshot is at least as new as its newest record.
+	var newest uint64
+	for _, st := range states {
+		newest = max(newest, st.Index)
+	}
 	for _, g := range a.groups {
 		st, ok := states[g.id.Key()]
 		if !ok {
 			st = consul.GroupState{Phase: consul.PhaseAwake}
 		}
-		a.fromWatch(g, st)
+		a.fromWatch(g, st, newest)
 	}
 }
 

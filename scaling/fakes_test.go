@@ -271,8 +271,8 @@ type fakeKV struct {
 	mu     sync.Mutex
 	index  uint64
 	states map[string]consul.GroupState
-	// listReads counts GroupStates calls.
-	listReads int
+	// listReads counts GroupStates calls, stateReads GroupState calls.
+	listReads, stateReads int
 }
 
 func newFakeKV() *fakeKV { return &fakeKV{states: map[string]consul.GroupState{}} }
@@ -295,6 +295,7 @@ func (c *fakeCluster) IsLeader() bool   { return c.leader }
 func (c *fakeCluster) GroupState(group string) (consul.GroupState, error) {
 	c.kv.mu.Lock()
 	defer c.kv.mu.Unlock()
+	c.kv.stateReads++
 	st, ok := c.kv.states[group]
 	if !ok {
 		return consul.GroupState{Phase: consul.PhaseAwake}, nil

@@ -13,11 +13,18 @@ import (
 // fromWatch applies a record delivered by the KV watch. A watch may deliver
 // a snapshot older than what this node just wrote: KV indexes only grow, so
 // anything below ours is stale. A snapshot without the record is either
-// stale or a deletion; a consistent read tells which.
-func (a *Agent) fromWatch(g *group, st consul.GroupState) {
+// stale or a deletion; a consistent read tells which, unless the snapshot's
+// newest record (newest; 0 for an empty one, which may be a wipe) is older
+// than ours: then it is stale. (Many groups
+// created at once each paid a read on the loop for every such snapshot;
+// a deletion missed that way is found by observeRecords.)
+func (a *Agent) fromWatch(g *group, st consul.GroupState, newest uint64) {
 	old := g.state
 	if g.unsynced && st.Index <= old.Index {
 		return // this node is ahead; pushUnsynced writes its state
+	}
+	if st.Index == 0 && newest > 0 && old.Index > newest {
+		return
 	}
 	if st.Index == 0 && old.Index > 0 {
 		cur, err := a.cfg.Cluster.GroupState(g.id.Key())

@@ -365,3 +365,20 @@ func TestAConnectRacingAJobStopDoesNotWakeIt(t *testing.T) {
 		t.Fatalf("gate %v for a stopped job, want no entry", e.gate.state(svcKey))
 	}
 }
+
+// A watch snapshot older than this node's record (its newest record is
+// older) is stale, not a deletion: no consistent read on the loop for it.
+func TestAStaleSnapshotWithoutTheRecordCostsNoRead(t *testing.T) {
+	e := awakeEnv(t)
+	e.sleep()
+	st, _ := e.cluster.GroupState(web.Key())
+	reads := e.cluster.kv.stateReads
+	older := consul.GroupState{Phase: consul.PhaseAsleep, Index: st.Index - 1}
+	e.agent.OnGroupStates(map[string]consul.GroupState{"default/other/other": older})
+	if n := e.cluster.kv.stateReads - reads; n != 0 {
+		t.Fatalf("%d consistent reads for a stale snapshot, want none", n)
+	}
+	if e.agent.groups[web].state.Index != st.Index || e.agent.groups[web].recordLost {
+		t.Fatal("a stale snapshot changed the group's record")
+	}
+}
