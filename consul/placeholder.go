@@ -41,37 +41,25 @@ func (p Placeholder) ID() string {
 	return "zeroscale-asleep-" + p.Service + "-" + hex.EncodeToString(h[:6])
 }
 
-func (p Placeholder) checkID() string { return p.ID() + "-alive" }
-
-// The plugin's own service on each node, whose TTL check it keeps passing:
-// every placeholder's check is an alias of it, so one refresh keeps a
-// thousand placeholders passing, and they all turn critical when the
-// plugin dies.
-const (
-	keeperService = "zeroscale"
-	keeperID      = "zeroscale-plugin"
-	keeperCheckID = keeperID + "-ttl"
-)
+func (p Placeholder) checkID() string { return p.ID() + "-ttl" }
 
 // PlaceholderOptions tunes the TTL check.
 type PlaceholderOptions struct {
-	// TTL of the plugin's check that the placeholders' checks alias; when
-	// the plugin dies they turn critical (and DNS stops answering with
-	// them) after TTL.
+	// TTL of the check the plugin keeps passing; when the plugin dies the
+	// check turns critical (and DNS stops answering with it) after TTL.
 	TTL time.Duration
 	// DeregisterAfter removes a critical placeholder from the catalog.
 	DeregisterAfter time.Duration
 }
 
-// Placeholders registers stand-ins through the local agent and keeps the
-// check they alias passing.
+// Placeholders registers stand-ins through the local agent and keeps their
+// TTL checks passing.
 type Placeholders struct {
 	client *Client
 	opts   PlaceholderOptions
 
-	mu       sync.Mutex
-	regs     map[string]Placeholder // by ID
-	keeperUp bool                   // the plugin's service is registered
+	mu   sync.Mutex
+	regs map[string]Placeholder // by ID
 }
 
 // NewPlaceholders returns a registry; run Keep to refresh TTLs.
@@ -101,49 +89,15 @@ func (ps *Placeholders) registration(p Placeholder) *capi.AgentServiceRegistrati
 		Check: &capi.AgentServiceCheck{
 			CheckID:                        p.checkID(),
 			Name:                           "zeroscale: service asleep, wakes on connect",
-			AliasService:                   keeperID,
-			Status:                         capi.HealthPassing, // as the plugin's own, registered before
-			DeregisterCriticalServiceAfter: ps.opts.DeregisterAfter.String(),
-		},
-	}
-}
-
-// registerKeeper registers the plugin's own service (or refreshes it).
-func (ps *Placeholders) registerKeeper(ctx context.Context) error {
-	ctx, cancel := ps.client.requestContext(ctx)
-	defer cancel()
-	reg := &capi.AgentServiceRegistration{
-		ID:   keeperID,
-		Name: keeperService,
-		Meta: map[string]string{"external-source": "zeroscale"},
-		Check: &capi.AgentServiceCheck{
-			CheckID:                        keeperCheckID,
-			Name:                           "zeroscale plugin running; its placeholders alias this",
 			TTL:                            ps.opts.TTL.String(),
 			Status:                         capi.HealthPassing,
 			DeregisterCriticalServiceAfter: ps.opts.DeregisterAfter.String(),
 		},
 	}
-	opts := capi.ServiceRegisterOpts{ReplaceExistingChecks: true}.WithContext(ctx)
-	if err := ps.client.api.Agent().ServiceRegisterOpts(reg, opts); err != nil {
-		return classify(err, `service "`+keeperService+`" { policy = "write" }`, "register the plugin's service")
-	}
-	return nil
 }
 
 // Register adds the placeholder (or refreshes it); idempotent.
 func (ps *Placeholders) Register(p Placeholder) error {
-	ps.mu.Lock()
-	keeperUp := ps.keeperUp
-	ps.mu.Unlock()
-	if !keeperUp {
-		if err := ps.registerKeeper(context.Background()); err != nil {
-			return err
-		}
-		ps.mu.Lock()
-		ps.keeperUp = true
-		ps.mu.Unlock()
-	}
 	ctx, cancel := ps.client.requestContext(context.Background())
 	defer cancel()
 	opts := capi.ServiceRegisterOpts{ReplaceExistingChecks: true}.WithContext(ctx)
@@ -186,9 +140,8 @@ func (ps *Placeholders) Registered() []Placeholder {
 	return out
 }
 
-// Keep passes the plugin's TTL check every third of the TTL until ctx
-// ends, and registers again what the agent lost (after its restart, say):
-// two requests per period however many placeholders there are.
+// Keep refreshes the TTL checks every third of the TTL until ctx ends, and
+// re-registers placeholders the agent lost (for example after its restart).
 func (ps *Placeholders) Keep(ctx context.Context) {
 	tick := time.NewTicker(ps.opts.TTL / 3)
 	defer tick.Stop()
@@ -198,45 +151,23 @@ func (ps *Placeholders) Keep(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		if len(ps.Registered()) == 0 {
-			continue
-		}
-		if err := ps.refresh(ctx); err != nil {
-			if rerr := ps.registerKeeper(ctx); rerr != nil {
-				ps.client.logger.Warn("could not keep the placeholders passing", "error", rerr)
+		for _, p := range ps.Registered() {
+			if ps.refresh(ctx, p) == nil {
 				continue
 			}
+			if rerr := ps.Register(p); rerr != nil {
+				ps.client.logger.Warn("could not refresh placeholder", "service", p.Service, "address",
+					netip.AddrPortFrom(p.Address, p.Port), "error", rerr)
+			}
 		}
-		ps.restoreLost(ctx)
 	}
 }
 
-// refresh passes the plugin's TTL check once, within the request timeout.
-func (ps *Placeholders) refresh(ctx context.Context) error {
+// refresh passes the placeholder's TTL check once, within the request timeout.
+func (ps *Placeholders) refresh(ctx context.Context, p Placeholder) error {
 	ctx, cancel := ps.client.requestContext(ctx)
 	defer cancel()
-	return ps.client.api.Agent().UpdateTTLOpts(keeperCheckID, "running", capi.HealthPassing, queryOpts(ctx))
-}
-
-// restoreLost registers again the placeholders the local agent no longer
-// has.
-func (ps *Placeholders) restoreLost(ctx context.Context) {
-	ctx, cancel := ps.client.requestContext(ctx)
-	defer cancel()
-	have, err := ps.client.api.Agent().ServicesWithFilterOpts(fmt.Sprintf("%q in Tags", PlaceholderTag), queryOpts(ctx))
-	if err != nil {
-		ps.client.logger.Warn("could not list the placeholders", "error", err)
-		return
-	}
-	for _, p := range ps.Registered() {
-		if _, ok := have[p.ID()]; ok {
-			continue
-		}
-		if err := ps.Register(p); err != nil {
-			ps.client.logger.Warn("could not register a lost placeholder again", "service", p.Service, "address",
-				netip.AddrPortFrom(p.Address, p.Port), "error", err)
-		}
-	}
+	return ps.client.api.Agent().UpdateTTLOpts(p.checkID(), "asleep; a connection wakes it", capi.HealthPassing, queryOpts(ctx))
 }
 
 // LocalPlaceholders lists the placeholders registered on the local agent, by any
