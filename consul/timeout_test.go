@@ -45,7 +45,7 @@ func TestHungConsulCallsTimeOut(t *testing.T) {
 			_, err := c.SwapGroupState(group, GroupState{}, GroupState{Phase: PhaseAsleep})
 			return err
 		}},
-		{"placeholder registration", "register the plugin's service", func() error {
+		{"placeholder registration", "register placeholder for web", func() error {
 			return c.NewPlaceholders(PlaceholderOptions{}).Register(placeholder)
 		}},
 		{"placeholder removal", "remove placeholder for web", func() error {

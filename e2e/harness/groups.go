@@ -157,7 +157,7 @@ func placeholderOf(service string, ap netip.AddrPort, job string) *capi.AgentSer
 		Meta: map[string]string{"zeroscale-namespace": "default", "zeroscale-job": job, "zeroscale-group": "web",
 			"external-source": "zeroscale"},
 		Check: &capi.AgentServiceCheck{CheckID: id + "-ttl", Name: "zeroscale: service asleep, wakes on connect",
-			TTL: "30s", Status: capi.HealthPassing, DeregisterCriticalServiceAfter: "1m"},
+			TTL: "1h", Status: capi.HealthPassing, DeregisterCriticalServiceAfter: "1m"},
 	}
 }
 
