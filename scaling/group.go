@@ -297,6 +297,7 @@ func (a *Agent) followServices() {
 		return
 	}
 	a.followed = want
+	a.cfg.Metrics.FollowedServices.Set(float64(len(want)))
 	a.cfg.FollowServices(want)
 }
 

@@ -26,6 +26,8 @@ type Metrics struct {
 	ForwardGrace         prometheus.Gauge
 	// APIRequests is the load the plugin puts on Nomad and Consul.
 	APIRequests *prometheus.CounterVec
+	// FollowedServices are the services whose instances are followed.
+	FollowedServices prometheus.Gauge
 }
 
 // NewMetrics creates the series and registers them on reg (nil: a private
@@ -91,8 +93,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "zeroscale_api_requests_total",
 			Help: "Requests this plugin sent to Nomad and Consul (api), blocking queries apart (kind=blocking, else once).",
 		}, []string{"api", "kind"}),
+		FollowedServices: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "zeroscale_followed_services",
+			Help: "Consul services whose instances this node follows (groups settled asleep are not followed until they wake).",
+		}),
 	}
-	reg.MustRegister(m.APIRequests, m.Wakes, m.Sleeps, m.ParkingUndone, m.WakeLatency, m.ParkedAddresses, m.Errors,
+	reg.MustRegister(m.APIRequests, m.FollowedServices, m.Wakes, m.Sleeps, m.ParkingUndone, m.WakeLatency, m.ParkedAddresses, m.Errors,
 		m.Leader, m.Replays, m.CapturesDropped, m.DryRunDecisions, m.GroupsByPhase, m.Repairs,
 		m.Forwards, m.ForwardedConnections, m.ForwardGrace)
 	return m

@@ -60,6 +60,9 @@ func manyGroups(b *testing.B, t *table) {
 		groups = append(groups, c.SleepingGroups(b, "many"+strconv.Itoa(size), added, services, 20000+len(groups)*services, "10s")...)
 		waitParked(b, c, metrics, size*services, 10*time.Minute)
 		gatedIn := time.Since(began)
+		// Idle means settled: a group found asleep is followed in Consul
+		// for its first minute.
+		waitMetric(b, c, metrics, "zeroscale_followed_services", 0, 3*time.Minute)
 
 		// Idle: every group asleep, nothing connecting.
 		before := sampleLoad(b, pid, metrics)
@@ -78,6 +81,7 @@ func manyGroups(b *testing.B, t *table) {
 			c.WaitDesired(b, job, "web", 0, 3*time.Minute)
 		}
 		waitParked(b, c, metrics, size*services, 3*time.Minute)
+		waitMetric(b, c, metrics, "zeroscale_followed_services", 0, 3*time.Minute)
 		rows = append(rows, fmt.Sprintf("%-7d %-9d %-9s %-10s %-11s %-13s %-13s %-13s %s / %s",
 			size, size*services, gatedIn.Round(time.Second),
 			fmt.Sprintf("%.0f MiB", float64(after.rss)/(1<<20)),
@@ -140,6 +144,22 @@ func waitParked(b *testing.B, c *harness.Cluster, metrics string, n int, timeout
 			b.Fatalf("%v of %d addresses parked after %s\n%s", got, n, timeout, c.Diagnose(b))
 		}
 		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// waitMetric waits until a gauge of the plugin reads want.
+func waitMetric(b *testing.B, c *harness.Cluster, metrics, series string, want float64, timeout time.Duration) {
+	b.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		got := harness.Metric(b, metrics, series)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%s is %v after %s, want %v\n%s", series, got, timeout, want, c.Diagnose(b))
+		}
+		time.Sleep(time.Second)
 	}
 }
 
