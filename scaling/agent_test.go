@@ -22,7 +22,7 @@ var (
 )
 
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	clock   *fakeClock
 	gate    *fakeGate
 	nomad   *fakeNomad
@@ -32,7 +32,7 @@ type env struct {
 
 type envOpt func(*Config)
 
-func newEnv(t *testing.T, kv *fakeKV, nomad *fakeNomad, node string, local []string, opts ...envOpt) *env {
+func newEnv(t testing.TB, kv *fakeKV, nomad *fakeNomad, node string, local []string, opts ...envOpt) *env {
 	t.Helper()
 	e := &env{t: t, clock: &fakeClock{now: time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)}, gate: newFakeGate(),
 		nomad: nomad, cluster: newFakeCluster(kv, node)}
