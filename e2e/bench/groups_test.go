@@ -97,9 +97,9 @@ func manyGroups(b *testing.B, t *table) {
 
 // load is a sample of the plugin's resource use and API requests.
 type load struct {
-	rss                                   int64
-	cpu                                   time.Duration
-	nomad, consul, consulBlocking, errors float64
+	rss                           int64
+	cpu                           time.Duration
+	nomad, consul, consulBlocking float64
 }
 
 func sampleLoad(b *testing.B, pid int, metrics string) load {
