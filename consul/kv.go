@@ -168,6 +168,12 @@ func (c *Client) GroupStates() (map[string]GroupState, error) {
 	if err != nil {
 		return nil, classify(err, c.kvNeed(), "read the group states")
 	}
+	return c.decodeStates(prefix, pairs), nil
+}
+
+// decodeStates maps group key → record, skipping (and logging) any record
+// that cannot be read.
+func (c *Client) decodeStates(prefix string, pairs capi.KVPairs) map[string]GroupState {
 	out := make(map[string]GroupState, len(pairs))
 	for _, p := range pairs {
 		st, err := decodeState(p)
@@ -177,7 +183,7 @@ func (c *Client) GroupStates() (map[string]GroupState, error) {
 		}
 		out[strings.TrimPrefix(p.Key, prefix)] = st
 	}
-	return out, nil
+	return out
 }
 
 func decodeState(p *capi.KVPair) (GroupState, error) {
@@ -233,16 +239,7 @@ func (c *Client) DeleteGroupState(group string) error {
 func (c *Client) WatchGroupStates(ctx context.Context, onChange func(map[string]GroupState), onError func(error)) {
 	prefix := c.prefix + "/groups/"
 	c.watchPrefix(ctx, prefix, func(pairs capi.KVPairs) {
-		out := make(map[string]GroupState, len(pairs))
-		for _, p := range pairs {
-			st, err := decodeState(p)
-			if err != nil {
-				c.logger.Warn("ignoring an unreadable group state", "error", err)
-				continue
-			}
-			out[strings.TrimPrefix(p.Key, prefix)] = st
-		}
-		onChange(out)
+		onChange(c.decodeStates(prefix, pairs))
 	}, onError, "watch group states")
 }
 
