@@ -52,13 +52,36 @@ type Event struct {
 // Is reports whether the event has kind k.
 func (e Event) Is(k EventKind) bool { return e.Kind&k != 0 }
 
-// DroppedEvents counts capture events lost because nobody read Events fast
-// enough (wake and listen events are never dropped here).
+// DroppedEvents counts events lost because nobody read Events fast enough:
+// captures, and wakes and listens only if priorityBuffer of them wait.
 func (g *Gate) DroppedEvents() uint64 { return atomic.LoadUint64(&g.dropped) }
 
+// priorityBuffer holds wake and listen events between the ring buffer's
+// reader and Events: the kernel reports a wake at most once per address per
+// interval and a listen per socket, so a storm does not fill it.
+const priorityBuffer = 16384
+
+// readEvents drains the ring buffer without ever waiting, so the kernel's
+// buffer does not overflow while the scaler is busy: wakes and listens go to
+// one queue, captures to another, and deliver hands them on, wakes and
+// listens first. Under a SYN storm the captures filled a single channel and
+// the listen events were lost with them, leaving woken groups shut until
+// Consul caught up; a reader that waited for room instead let the kernel's
+// buffer overflow, which loses any event.
 func (g *Gate) readEvents() {
 	defer close(g.readerDone)
-	defer close(g.events)
+	priority := make(chan Event, priorityBuffer)
+	captures := make(chan Event, g.opts.EventBuffer)
+	delivered := make(chan struct{})
+	go func() {
+		defer close(delivered)
+		g.deliver(priority, captures)
+	}()
+	defer func() {
+		close(priority)
+		close(captures)
+		<-delivered
+	}()
 	var rec ringbuf.Record
 	for {
 		if err := g.reader.ReadInto(&rec); err != nil {
@@ -73,23 +96,49 @@ func (g *Gate) readEvents() {
 			g.logger.Warn("dropped a short kernel event", "bytes", len(rec.RawSample))
 			continue
 		}
+		queue := captures // a capture alone: its client retransmits if it is lost
 		if ev.Is(EventWake | EventListen) {
-			// A wake or a listener decides what the scaler does: wait for
-			// room (the ring buffer holds what comes meanwhile) rather than
-			// lose one; under a SYN storm the captures filled the channel
-			// and lost listen events left woken groups shut until Consul
-			// caught up.
-			select {
-			case g.events <- ev:
-			case <-g.closing:
-				return
+			queue = priority
+		}
+		select {
+		case queue <- ev:
+		default:
+			atomic.AddUint64(&g.dropped, 1)
+		}
+	}
+}
+
+// deliver hands queued events to Events, wakes and listens before captures,
+// until both queues are closed and empty (or the gate closes).
+func (g *Gate) deliver(priority, captures <-chan Event) {
+	defer close(g.events)
+	for priority != nil || captures != nil {
+		var ev Event
+		var ok bool
+		select {
+		case ev, ok = <-priority:
+			if !ok {
+				priority = nil
+				continue
 			}
-			continue
+		default:
+			select {
+			case ev, ok = <-priority:
+				if !ok {
+					priority = nil
+					continue
+				}
+			case ev, ok = <-captures:
+				if !ok {
+					captures = nil
+					continue
+				}
+			}
 		}
 		select {
 		case g.events <- ev:
-		default:
-			atomic.AddUint64(&g.dropped, 1) // a capture: its client retransmits
+		case <-g.closing:
+			return
 		}
 	}
 }

@@ -49,7 +49,8 @@ type Options struct {
 	MaxCapturePerKey uint32
 	// SYNMaxAge: a connection attempt older than this counts as new again.
 	SYNMaxAge time.Duration
-	// EventBuffer is the capacity of the Events channel.
+	// EventBuffer is how many capture events wait for Events (wakes and
+	// listens wait apart, ahead of them).
 	EventBuffer int
 	Logger      hclog.Logger
 }
@@ -127,7 +128,7 @@ func Load(opts Options) (*Gate, error) {
 		logger:     logger,
 		links:      make(map[string]attachedLink),
 		watched:    make(map[uint16]bool),
-		events:     make(chan Event, opts.EventBuffer),
+		events:     make(chan Event),
 		closing:    make(chan struct{}),
 		readerDone: make(chan struct{}),
 	}
