@@ -34,10 +34,13 @@ func (a *Agent) observeNomad(g *group, now time.Time, force bool) {
 	}
 	g.nomadDirty = false
 	status, err := a.cfg.Nomad.ScaleStatus(g.id)
-	g.nomad.at = now
+	a.noteCount(g, status, err, now)
+}
+
+// noteCount keeps what a read of the group's count at now found.
+func (a *Agent) noteCount(g *group, status ScaleStatus, err error, now time.Time) {
 	if err != nil {
-		g.nomad.err = err
-		g.nomad.gone = isNotFound(err)
+		g.nomad = nomadView{status: g.nomad.status, at: now, err: err, gone: isNotFound(err)}
 		a.cfg.Metrics.Errors.WithLabelValues("nomad").Inc()
 		a.logger.Debug("cannot read the group's count", "group", g.id.String(), "error", err)
 		return

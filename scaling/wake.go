@@ -143,14 +143,14 @@ func (a *Agent) scaleUpDone(id GroupID, w *wakeAttempt, status ScaleStatus, read
 		return // the wake ended meanwhile (timed out, or the group released)
 	}
 	now := a.clock.Now()
+	// A job change heard while the read was under way leaves nomadDirty
+	// set: the next pass reads again.
+	a.noteCount(g, status, readErr, now)
 	if readErr != nil {
-		g.nomad = nomadView{at: now, err: readErr, gone: isNotFound(readErr)}
-		a.cfg.Metrics.Errors.WithLabelValues("nomad").Inc()
 		w.nextTry = now.Add(backoff(w.tries))
 		a.logger.Warn("cannot read the group's count; retrying", "group", g.id.String(), "error", readErr)
 		return
 	}
-	g.nomad, g.nomadDirty = nomadView{status: status, at: now}, false
 	if status.Stopped {
 		// The operator stopped the job: their intent wins over the connect.
 		w.failed = "the job is stopped"
