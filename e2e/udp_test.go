@@ -154,6 +154,7 @@ func TestUDPDNSSleepsAndWakes(t *testing.T) {
 // each is answered and that the group never sleeps, nor tries to, meanwhile.
 func digKeepsAwake(t *testing.T, c *harness.Cluster, job string, addr netip.Addr, port int, interval, span time.Duration) {
 	t.Helper()
+	waitGatedAwake(t, c, job)
 	before := groupRecord(t, c, job)
 	began := time.Now()
 	var failed, sleptAt []string
@@ -185,6 +186,24 @@ func digKeepsAwake(t *testing.T, c *harness.Cluster, job string, addr netip.Addr
 			interval, span, len(failed), queries, failed, sleptAt, sleeps, parkings, after.Phase, after.Reason)
 	}
 	t.Logf("%d UDP queries every %v for %v, all answered, no scale-down", queries, interval, span)
+}
+
+// waitGatedAwake waits until the plugin records the group as awake: it
+// gates it (a group whose policy it ignores would stay awake for nothing).
+func waitGatedAwake(t *testing.T, c *harness.Cluster, job string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		rec := groupRecord(t, c, job)
+		if rec.Phase == "awake" {
+			return
+		}
+		if time.Now().After(deadline) {
+			logEvents(t, c, job)
+			t.Fatalf("the plugin's record of the group is %q (%q), not awake: it does not gate the group", rec.Phase, rec.Reason)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 }
 
 func TestUDPDNSWakesOverIPv6(t *testing.T) {
