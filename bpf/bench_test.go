@@ -12,13 +12,13 @@ import (
 func BenchmarkGate(b *testing.B) {
 	g := loadGate(b, Options{ReportInterval: time.Hour, CaptureSYNs: true})
 	for i := 0; i < 10000; i++ {
-		k := Key{netip.AddrFrom4([4]byte{10, 50, byte(i >> 8), byte(i)}), 8080}
+		k := Key{Addr: netip.AddrFrom4([4]byte{10, 50, byte(i >> 8), byte(i)}), Port: 8080}
 		if err := g.Open(k); err != nil {
 			b.Fatal(err)
 		}
 	}
-	open := Key{netip.AddrFrom4([4]byte{10, 50, 0, 7}), 8080}
-	parked := Key{netip.AddrFrom4([4]byte{10, 50, 0, 9}), 8080}
+	open := Key{Addr: netip.AddrFrom4([4]byte{10, 50, 0, 7}), Port: 8080}
+	parked := Key{Addr: netip.AddrFrom4([4]byte{10, 50, 0, 9}), Port: 8080}
 	if err := g.Park(parked); err != nil {
 		b.Fatal(err)
 	}

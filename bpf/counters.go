@@ -29,6 +29,14 @@ var counterNames = []string{
 	"replay_connected",
 	"replay_unparseable",
 	"check_syn_passed",
+	"datagrams_open",
+	"datagrams_counted",
+	"datagrams_ignored",
+	"parked_datagrams_dropped",
+	"datagrams_held",
+	"datagram_hold_limit",
+	"datagrams_too_long",
+	"datagrams_read_in_netns",
 }
 
 // Counters sums the kernel's global counters over CPUs, by name.

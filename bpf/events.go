@@ -19,7 +19,8 @@ const (
 	// report interval).
 	EventWake EventKind = 1
 	// EventCapture: the first SYN of a client connection attempt to a parked
-	// address, kept for replay. A record can be both wake and capture.
+	// address, or one of the first datagrams of a UDP flow, kept for replay.
+	// A record can be both wake and capture.
 	EventCapture EventKind = 2
 	// EventListen: a socket started listening on a watched port.
 	EventListen EventKind = 4
@@ -33,8 +34,9 @@ type Event struct {
 	Ifindex int            // interface the SYN arrived on
 	Mono    time.Duration  // kernel monotonic time of the event
 	Time    time.Time      // the same, as wall time
-	// Frame holds the first bytes of the dropped SYN; FrameLen is its full
-	// length (Frame is complete when they are equal).
+	// Frame holds the first bytes of the dropped SYN, or the whole held
+	// datagram; FrameLen is its full length (Frame is complete when they
+	// are equal).
 	Frame    []byte
 	FrameLen int
 	// CgroupID and PID name the listening process, for listen events: the
@@ -154,6 +156,12 @@ func decodeEvent(raw []byte) (Event, bool) {
 	if len(raw) < legacyEventSize {
 		return Event{}, false
 	}
+	// A held datagram's record goes on past the event with the rest of its
+	// frame (struct dgram_event).
+	var rest []byte
+	if len(raw) > size {
+		rest = raw[size:]
+	}
 	if len(raw) < size {
 		raw = append(append(make([]byte, 0, size), raw...), make([]byte, size-len(raw))...)
 	}
@@ -161,6 +169,7 @@ func decodeEvent(raw []byte) (Event, bool) {
 		return Event{}, false
 	}
 	capLen := min(int(e.CapLen), len(e.Frame))
+	restLen := min(max(int(e.CapLen)-len(e.Frame), 0), len(rest))
 	ev := Event{
 		Kind:     EventKind(e.Kind),
 		Key:      keyFromBPF(e.Key),
@@ -174,7 +183,7 @@ func decodeEvent(raw []byte) (Event, bool) {
 	}
 	if EventKind(e.Kind)&(EventWake|EventCapture) != 0 {
 		ev.Source = netip.AddrPortFrom(netip.AddrFrom16(e.Saddr).Unmap(), ntohs(e.Sport))
-		ev.Frame = append([]byte(nil), e.Frame[:capLen]...)
+		ev.Frame = append(append(make([]byte, 0, capLen+restLen), e.Frame[:capLen]...), rest[:restLen]...)
 	}
 	return ev, true
 }

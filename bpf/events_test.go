@@ -12,7 +12,7 @@ import (
 // Programs of the previous version gate until Attach replaces them, so their
 // shorter records must still be read, not dropped as short.
 func TestEventsOfThePreviousLayoutStillDecode(t *testing.T) {
-	e := zeroscaleEvent{Kind: uint32(EventWake), Ifindex: 3, TsNs: 42, Key: Key{server4, 8080}.bpf(), Sport: htons(50000)}
+	e := zeroscaleEvent{Kind: uint32(EventWake), Ifindex: 3, TsNs: 42, Key: Key{Addr: server4, Port: 8080}.bpf(), Sport: htons(50000)}
 	e.Saddr = client4.As16()
 	full, err := binary.Append(nil, binary.NativeEndian, &e)
 	if err != nil {
@@ -25,7 +25,7 @@ func TestEventsOfThePreviousLayoutStillDecode(t *testing.T) {
 	if !ok {
 		t.Fatal("a record of the previous layout was dropped")
 	}
-	if ev.Key != (Key{server4, 8080}) || ev.Source != netip.AddrPortFrom(client4, 50000) || ev.Ifindex != 3 || ev.CgroupID != 0 || ev.PID != 0 {
+	if ev.Key != (Key{Addr: server4, Port: 8080}) || ev.Source != netip.AddrPortFrom(client4, 50000) || ev.Ifindex != 3 || ev.CgroupID != 0 || ev.PID != 0 {
 		t.Fatalf("decoded %+v", ev)
 	}
 	if _, ok := decodeEvent(full[:legacyEventSize-1]); ok {
@@ -38,7 +38,7 @@ func TestEventsOfThePreviousLayoutStillDecode(t *testing.T) {
 // woken groups shut until Consul caught up.
 func TestListenEventsSurviveCapturesFillingTheChannel(t *testing.T) {
 	g := loadGate(t, Options{ReportInterval: time.Hour, CaptureSYNs: true, MaxCapturePerKey: 1000, EventBuffer: 4})
-	k := Key{server4, 8080}
+	k := Key{Addr: server4, Port: 8080}
 	if err := g.Park(k); err != nil {
 		t.Fatal(err)
 	}

@@ -33,6 +33,7 @@ const (
 
 	linksDir        = "links"
 	sockStateLinkID = "sock_state"
+	udpRecvLinkID   = "udp_recv"
 )
 
 // Options configures Load.
@@ -87,9 +88,10 @@ type Gate struct {
 	mu       sync.Mutex
 	links    map[string]attachedLink // gate links by interface name
 	watched  map[uint16]bool         // ports watched for listeners beyond the gated ones
-	sockLink link.Link
+	sockLinks []link.Link
 
 	replayMu sync.Mutex
+	probeMu  sync.Mutex
 
 	events     chan Event
 	reader     *ringbuf.Reader
@@ -148,6 +150,7 @@ func Load(opts Options) (*Gate, error) {
 		return nil, err
 	}
 	if err := g.attachSockState(); err != nil {
+		g.closeLinks()
 		g.objs.Close()
 		return nil, err
 	}
@@ -311,25 +314,37 @@ func currentNetnsInode() (uint32, error) {
 	return uint32(st.Ino), nil
 }
 
-// attachSockState attaches the socket program and pins its link. A link
+// attachSockState attaches the socket programs and pins their links. A link
 // pinned by the previous process is replaced after the new one is attached,
 // so no transition is missed; both running for a moment is harmless because
-// the program counts each socket at most once.
+// the program counts each socket at most once (and a datagram's read only
+// stamps a time).
 func (g *Gate) attachSockState() error {
-	l, err := link.AttachTracing(link.TracingOptions{Program: g.objs.ZsSockState})
-	if err != nil {
-		return fmt.Errorf("attach tp_btf/inet_sock_set_state: %w", err)
+	for _, tp := range []struct {
+		prog *ebpf.Program
+		id   string
+		name string
+	}{
+		{g.objs.ZsSockState, sockStateLinkID, "tp_btf/inet_sock_set_state"},
+		{g.objs.ZsUdpRecv, udpRecvLinkID, "tp_btf/sock_recv_length"},
+	} {
+		l, err := link.AttachTracing(link.TracingOptions{Program: tp.prog})
+		if err != nil {
+			return fmt.Errorf("attach %s: %w", tp.name, err)
+		}
+		path := g.linkPath(tp.id)
+		if old, err := link.LoadPinnedLink(path, nil); err == nil {
+			_ = old.Unpin()
+			_ = old.Close()
+		}
+		if err := l.Pin(path); err != nil {
+			_ = l.Close()
+			return fmt.Errorf("pin the link of %s: %w", tp.name, err)
+		}
+		g.mu.Lock()
+		g.sockLinks = append(g.sockLinks, l)
+		g.mu.Unlock()
 	}
-	path := g.linkPath(sockStateLinkID)
-	if old, err := link.LoadPinnedLink(path, nil); err == nil {
-		_ = old.Unpin()
-		_ = old.Close()
-	}
-	if err := l.Pin(path); err != nil {
-		_ = l.Close()
-		return fmt.Errorf("pin socket program link: %w", err)
-	}
-	g.sockLink = l
 	return nil
 }
 
@@ -364,10 +379,10 @@ func (g *Gate) closeLinks() {
 		_ = l.Close()
 		delete(g.links, name)
 	}
-	if g.sockLink != nil {
-		_ = g.sockLink.Close()
-		g.sockLink = nil
+	for _, l := range g.sockLinks {
+		_ = l.Close()
 	}
+	g.sockLinks = nil
 }
 
 // Uninstall detaches everything pinned under pinPath and removes the pins.

@@ -159,11 +159,11 @@ func TestVerdicts(t *testing.T) { bothPrograms(t, testVerdicts) }
 
 func testVerdicts(t *testing.T) {
 	g := loadGate(t, Options{ReportInterval: time.Nanosecond, CaptureSYNs: true})
-	parked4 := Key{server4, 8080}
-	parked6 := Key{server6, 8080}
-	open4 := Key{server4, 9090}
-	moved4 := Key{server4, 7070}
-	moved6 := Key{server6, 7070}
+	parked4 := Key{Addr: server4, Port: 8080}
+	parked6 := Key{Addr: server6, Port: 8080}
+	open4 := Key{Addr: server4, Port: 9090}
+	moved4 := Key{Addr: server4, Port: 7070}
+	moved6 := Key{Addr: server6, Port: 7070}
 	for _, k := range []Key{parked4, parked6} {
 		if err := g.Park(k); err != nil {
 			t.Fatal(err)
@@ -389,7 +389,7 @@ func TestParkedSYNEventsAndRateLimit(t *testing.T) { bothPrograms(t, testParkedS
 
 func testParkedSYNEventsAndRateLimit(t *testing.T) {
 	g := loadGate(t, Options{ReportInterval: time.Hour, CaptureSYNs: true, MaxCapturePerKey: 3})
-	k := Key{server4, 8080}
+	k := Key{Addr: server4, Port: 8080}
 	if err := g.Park(k); err != nil {
 		t.Fatal(err)
 	}
@@ -457,8 +457,8 @@ func TestWakeAllowList(t *testing.T) { bothPrograms(t, testWakeAllowList) }
 
 func testWakeAllowList(t *testing.T) {
 	g := loadGate(t, Options{ReportInterval: time.Nanosecond})
-	k := Key{server4, 8080}
-	k6 := Key{server6, 8080}
+	k := Key{Addr: server4, Port: 8080}
+	k6 := Key{Addr: server6, Port: 8080}
 	_ = g.Park(k)
 	_ = g.Park(k6)
 	if err := g.SetWakeFrom([]netip.Prefix{netip.MustParsePrefix("192.0.2.0/28"), netip.MustParsePrefix("2001:db8:1::/48")}); err != nil {
@@ -497,8 +497,8 @@ func TestKeysStateAndForget(t *testing.T) { bothPrograms(t, testKeysStateAndForg
 
 func testKeysStateAndForget(t *testing.T) {
 	g := loadGate(t, Options{})
-	a := Key{server4, 80}
-	b := Key{server6, 443}
+	a := Key{Addr: server4, Port: 80}
+	b := Key{Addr: server6, Port: 443}
 	_ = g.Park(a)
 	_ = g.Open(b)
 	keys, err := g.Keys()

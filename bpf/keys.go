@@ -10,7 +10,44 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-const ipprotoTCP = 6
+const (
+	ipprotoTCP = 6
+	ipprotoUDP = 17
+)
+
+// Protocol is the transport a gate entry applies to. The zero value is TCP,
+// so keys written before UDP existed keep their meaning.
+type Protocol uint8
+
+const (
+	TCP Protocol = iota
+	UDP
+)
+
+func (p Protocol) String() string {
+	if p == UDP {
+		return "udp"
+	}
+	return "tcp"
+}
+
+// ParseProtocol reads "tcp" or "udp".
+func ParseProtocol(s string) (Protocol, error) {
+	switch s {
+	case "tcp":
+		return TCP, nil
+	case "udp":
+		return UDP, nil
+	}
+	return 0, fmt.Errorf("unknown protocol %q (want \"tcp\" or \"udp\")", s)
+}
+
+func (p Protocol) ipproto() uint8 {
+	if p == UDP {
+		return ipprotoUDP
+	}
+	return ipprotoTCP
+}
 
 // State is what the gate does with packets to one service address.
 type State uint32
@@ -36,31 +73,53 @@ func (s State) String() string {
 	return fmt.Sprintf("state(%d)", uint32(s))
 }
 
-// Key is one service address: a local address and TCP port.
+// Key is one service address: a local address, a port and the protocol
+// (TCP unless Proto says UDP).
 type Key struct {
-	Addr netip.Addr
-	Port uint16
+	Addr  netip.Addr
+	Port  uint16
+	Proto Protocol
 }
 
-// KeyFrom builds a key from an address and port.
+// KeyFrom builds a TCP key from an address and port.
 func KeyFrom(ap netip.AddrPort) Key {
 	return Key{Addr: ap.Addr().Unmap().WithZone(""), Port: ap.Port()}
 }
 
+// WithProto is k for protocol p.
+func (k Key) WithProto(p Protocol) Key {
+	k.Proto = p
+	return k
+}
+
+// AddrPort is k's address and port, without the protocol.
+func (k Key) AddrPort() netip.AddrPort {
+	return netip.AddrPortFrom(k.Addr, k.Port)
+}
+
+// String is "addr:port" for TCP, as before UDP existed, and
+// "addr:port/udp" for UDP.
 func (k Key) String() string {
-	return netip.AddrPortFrom(k.Addr, k.Port).String()
+	if k.Proto == UDP {
+		return k.AddrPort().String() + "/udp"
+	}
+	return k.AddrPort().String()
 }
 
 func (k Key) bpf() zeroscaleGateKey {
 	var out zeroscaleGateKey
 	out.Addr = k.Addr.WithZone("").As16() // IPv4 becomes ::ffff:a.b.c.d
 	out.Port = htons(k.Port)
-	out.Proto = ipprotoTCP
+	out.Proto = k.Proto.ipproto()
 	return out
 }
 
 func keyFromBPF(k zeroscaleGateKey) Key {
-	return Key{Addr: netip.AddrFrom16(k.Addr).Unmap(), Port: ntohs(k.Port)}
+	out := Key{Addr: netip.AddrFrom16(k.Addr).Unmap(), Port: ntohs(k.Port)}
+	if k.Proto == ipprotoUDP {
+		out.Proto = UDP
+	}
+	return out
 }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }

@@ -22,7 +22,7 @@ func TestReplayOverLoopback(t *testing.T) {
 	for _, host := range []string{"127.0.0.1", "::1"} {
 		addr := netip.MustParseAddr(host)
 		port := freePort(t, addr)
-		k := Key{addr, port}
+		k := Key{Addr: addr, Port: port}
 		_ = g.Park(k)
 		target := netip.AddrPortFrom(addr, port).String()
 		done := make(chan time.Duration, 1)

@@ -39,7 +39,7 @@ func TestMapMemoryFollowsTheAddressesGated(t *testing.T) {
 	t.Logf("%d CPUs; no address gated: %s in all (%s)", ebpf.MustPossibleCPU(), fmtKiB(empty), strings.Join(names, " "))
 	const n = 1000
 	for i := range n {
-		k := Key{netip.AddrFrom4([4]byte{10, 99, byte(i >> 8), byte(i)}), 8080}
+		k := Key{Addr: netip.AddrFrom4([4]byte{10, 99, byte(i >> 8), byte(i)}), Port: 8080}
 		if err := g.Park(k); err != nil {
 			t.Fatal(err)
 		}

@@ -144,7 +144,7 @@ func testParkedDropsABurstWithOneReport(t *testing.T) {
 	attach(t, g, n.HostIf)
 	port := freePort(t, n.HostAddr)
 	echoServer(t, netip.AddrPortFrom(n.HostAddr, port).String())
-	k := Key{n.HostAddr, port}
+	k := Key{Addr: n.HostAddr, Port: port}
 	if err := g.Park(k); err != nil {
 		t.Fatal(err)
 	}
@@ -201,7 +201,7 @@ func testOpenPassesAndCountsConnections(t *testing.T) {
 	attach(t, g, n.HostIf)
 	port := freePort(t, n.HostAddr)
 	echoServer(t, netip.AddrPortFrom(n.HostAddr, port).String())
-	k := Key{n.HostAddr, port}
+	k := Key{Addr: n.HostAddr, Port: port}
 	if err := g.Open(k); err != nil {
 		t.Fatal(err)
 	}
@@ -234,8 +234,8 @@ func TestListenEvent(t *testing.T) {
 	g := loadGate(t, Options{})
 	specific := freePort(t, netip.MustParseAddr("127.0.0.1"))
 	wildcard := freePort(t, netip.MustParseAddr("127.0.0.1"))
-	_ = g.Park(Key{netip.MustParseAddr("127.0.0.1"), specific})
-	_ = g.Park(Key{netip.MustParseAddr("10.9.9.9"), wildcard})
+	_ = g.Park(Key{Addr: netip.MustParseAddr("127.0.0.1"), Port: specific})
+	_ = g.Park(Key{Addr: netip.MustParseAddr("10.9.9.9"), Port: wildcard})
 	drainEvents(g, 20*time.Millisecond)
 
 	unwatched := freePort(t, netip.MustParseAddr("127.0.0.1"))
@@ -272,7 +272,7 @@ func TestListenEventNamesTheListenersCgroupAndProcess(t *testing.T) {
 	g := loadGate(t, Options{})
 	addr := netip.MustParseAddr("127.0.0.1")
 	port := freePort(t, addr)
-	_ = g.Park(Key{addr, port}) // watches the port
+	_ = g.Park(Key{Addr: addr, Port: port}) // watches the port
 	drainEvents(g, 20*time.Millisecond)
 
 	// A Nomad-shaped task cgroup; the helper is cloned straight into it,
@@ -386,7 +386,7 @@ func testHealthChecksAreNotActivity(t *testing.T, ipv6 bool) {
 	port := freePort(t, host)
 	target := netip.AddrPortFrom(host, port).String()
 	echoServer(t, target)
-	k := Key{host, port}
+	k := Key{Addr: host, Port: port}
 	_ = g.Open(k)
 	if err := g.SetCheckerComms([]string{"consul", "nomad"}); err != nil {
 		t.Fatal(err)
@@ -455,7 +455,7 @@ func testMovedAddressRefusesAtOnce(t *testing.T) {
 	attach(t, g, n.HostIf)
 	for _, addr := range []netip.Addr{n.HostAddr, n.HostAddr6} {
 		port := freePort(t, addr)
-		k := Key{addr, port}
+		k := Key{Addr: addr, Port: port}
 		if err := g.Move(k); err != nil {
 			t.Fatal(err)
 		}
@@ -487,7 +487,7 @@ func TestRestartKeepsGatingAndState(t *testing.T) {
 	port := freePort(t, n.HostAddr)
 	target := netip.AddrPortFrom(n.HostAddr, port).String()
 	echoServer(t, target)
-	parked := Key{n.HostAddr, port}
+	parked := Key{Addr: n.HostAddr, Port: port}
 	_ = g.Park(parked)
 	_ = g.SetWakeFrom([]netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")})
 
@@ -557,7 +557,7 @@ func TestHealthCheckSYNsDoNotWake(t *testing.T) {
 	}
 	port := freePort(t, n.HostAddr)
 	target := netip.AddrPortFrom(n.HostAddr, port).String()
-	k := Key{n.HostAddr, port}
+	k := Key{Addr: n.HostAddr, Port: port}
 	_ = g.Park(k)
 	if err := g.SetCheckerComms([]string{"consul"}); err != nil {
 		t.Fatal(err)
@@ -630,7 +630,7 @@ func TestAConnectionFromBeforeForgetDoesNotCountBelowZero(t *testing.T) {
 		_, _ = io.Copy(io.Discard, c)
 		close(ended)
 	}()
-	k := Key{n.HostAddr, port}
+	k := Key{Addr: n.HostAddr, Port: port}
 	if err := g.Open(k); err != nil {
 		t.Fatal(err)
 	}
@@ -672,7 +672,7 @@ func TestAConnectionFromBeforeForgetDoesNotCountBelowZero(t *testing.T) {
 
 func TestActivityNeverReportsANegativeEstablishedCount(t *testing.T) {
 	g := loadGate(t, Options{})
-	k := Key{server4, 8080}
+	k := Key{Addr: server4, Port: 8080}
 	if err := g.Open(k); err != nil {
 		t.Fatal(err)
 	}

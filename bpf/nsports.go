@@ -22,7 +22,8 @@ func (p NsPort) bpf() zeroscaleNsPort { return zeroscaleNsPort{Netns: p.Netns, P
 
 // MapPort makes sockets on p count as activity of the service address k,
 // the node address whose port mapping leads to p. Health checks through the
-// mapping stay checks.
+// mapping stay checks. A port maps for both protocols, whatever k's: TCP
+// sockets count under k's TCP key, UDP datagrams read under its UDP key.
 func (g *Gate) MapPort(p NsPort, k Key) error {
 	if p.Netns == 0 || p.Port == 0 || !k.Addr.IsValid() || k.Port == 0 {
 		return fmt.Errorf("map %s to %s: invalid port or address", p, k)

@@ -89,8 +89,12 @@ func (g *Gate) Replay(frame []byte, ifindex int, via *ReplayTarget) (ReplayResul
 }
 
 // SYNPassed tells whether a SYN of this client connection attempt went
-// through the open gate after it was captured (its own retransmit).
+// through the open gate after it was captured (its own retransmit). It is
+// false for UDP: each held datagram is its own message.
 func (g *Gate) SYNPassed(k Key, client netip.AddrPort) bool {
+	if k.Proto == UDP {
+		return false
+	}
 	fk := zeroscaleFlowKey{Dst: k.bpf(), Saddr: client.Addr().As16(), Sport: htons(client.Port())}
 	var f zeroscaleSynFlow
 	if err := g.objs.SynFlows.Lookup(&fk, &f); err != nil {
@@ -99,8 +103,8 @@ func (g *Gate) SYNPassed(k Key, client netip.AddrPort) bool {
 	return f.Passed != 0
 }
 
-// FixChecksums returns a copy of an Ethernet frame carrying TCP over IPv4 or
-// IPv6 with the IPv4 header and TCP checksums recomputed.
+// FixChecksums returns a copy of an Ethernet frame carrying TCP or UDP over
+// IPv4 or IPv6 with the IPv4 header and TCP or UDP checksums recomputed.
 func FixChecksums(frame []byte) ([]byte, error) {
 	out := append([]byte(nil), frame...)
 	off := 14
@@ -123,8 +127,9 @@ func FixChecksums(frame []byte) ([]byte, error) {
 		ip := out[off:]
 		ihl := int(ip[0]&0x0f) * 4
 		total := int(binary.BigEndian.Uint16(ip[2:4]))
-		if ip[0]>>4 != 4 || ihl < 20 || total < ihl+20 || len(ip) < total || ip[9] != ipprotoTCP {
-			return nil, errors.New("not a complete IPv4 TCP packet")
+		l4 := ip[9]
+		if ip[0]>>4 != 4 || ihl < 20 || len(ip) < total || (l4 != ipprotoTCP && l4 != ipprotoUDP) || total < ihl+l4HeaderLen(l4) {
+			return nil, errors.New("not a complete IPv4 TCP or UDP packet")
 		}
 		ip[10], ip[11] = 0, 0
 		binary.BigEndian.PutUint16(ip[10:12], ^fold(sum(ip[:ihl], 0)))
@@ -132,9 +137,11 @@ func FixChecksums(frame []byte) ([]byte, error) {
 		var pseudo [12]byte
 		copy(pseudo[0:4], ip[12:16])
 		copy(pseudo[4:8], ip[16:20])
-		pseudo[9] = ipprotoTCP
+		pseudo[9] = l4
 		binary.BigEndian.PutUint16(pseudo[10:12], uint16(len(seg)))
-		setTCPChecksum(seg, sum(pseudo[:], 0))
+		if err := setL4Checksum(l4, seg, sum(pseudo[:], 0)); err != nil {
+			return nil, err
+		}
 	case 0x86dd:
 		if len(out) < off+40 {
 			return nil, errors.New("truncated IPv6 header")
@@ -145,7 +152,7 @@ func FixChecksums(frame []byte) ([]byte, error) {
 			return nil, errors.New("not a complete IPv6 packet")
 		}
 		next, hdr := ip[6], 40
-		for i := 0; i < 6 && next != ipprotoTCP; i++ {
+		for i := 0; i < 6 && next != ipprotoTCP && next != ipprotoUDP; i++ {
 			if hdr+8 > 40+plen {
 				return nil, errors.New("truncated IPv6 extension header")
 			}
@@ -156,30 +163,55 @@ func FixChecksums(frame []byte) ([]byte, error) {
 			case 51:
 				n = (int(ip[hdr+1]) + 2) * 4
 			default:
-				return nil, errors.New("not a TCP packet")
+				return nil, errors.New("not a TCP or UDP packet")
 			}
 			next = ip[hdr]
 			hdr += n
 		}
-		if next != ipprotoTCP || hdr+20 > 40+plen {
-			return nil, errors.New("not a complete IPv6 TCP packet")
+		if (next != ipprotoTCP && next != ipprotoUDP) || hdr+l4HeaderLen(next) > 40+plen {
+			return nil, errors.New("not a complete IPv6 TCP or UDP packet")
 		}
 		seg := ip[hdr : 40+plen]
 		var pseudo [40]byte
 		copy(pseudo[0:16], ip[8:24])
 		copy(pseudo[16:32], ip[24:40])
 		binary.BigEndian.PutUint32(pseudo[32:36], uint32(len(seg)))
-		pseudo[39] = ipprotoTCP
-		setTCPChecksum(seg, sum(pseudo[:], 0))
+		pseudo[39] = next
+		if err := setL4Checksum(next, seg, sum(pseudo[:], 0)); err != nil {
+			return nil, err
+		}
 	default:
 		return nil, errors.New("not an IP packet")
 	}
 	return out, nil
 }
 
-func setTCPChecksum(seg []byte, pseudo uint32) {
-	seg[16], seg[17] = 0, 0
-	binary.BigEndian.PutUint16(seg[16:18], ^fold(sum(seg, pseudo)))
+func l4HeaderLen(proto uint8) int {
+	if proto == ipprotoUDP {
+		return 8
+	}
+	return 20
+}
+
+// setL4Checksum writes the TCP or UDP checksum of seg, the segment from its
+// transport header to the end of the IP payload.
+func setL4Checksum(proto uint8, seg []byte, pseudo uint32) error {
+	if proto == ipprotoTCP {
+		seg[16], seg[17] = 0, 0
+		binary.BigEndian.PutUint16(seg[16:18], ^fold(sum(seg, pseudo)))
+		return nil
+	}
+	// The UDP length must match the segment: a datagram is replayed whole.
+	if int(binary.BigEndian.Uint16(seg[4:6])) != len(seg) {
+		return errors.New("UDP length does not match the IP payload")
+	}
+	seg[6], seg[7] = 0, 0
+	c := ^fold(sum(seg, pseudo))
+	if c == 0 {
+		c = 0xffff // RFC 768: a computed zero is sent as all ones
+	}
+	binary.BigEndian.PutUint16(seg[6:8], c)
+	return nil
 }
 
 // sum adds b as big-endian 16-bit words (RFC 1071).
@@ -213,4 +245,46 @@ func PrepareLoopbackReplay() error {
 		}
 	}
 	return nil
+}
+
+// BoundSocket is what Bound found at a service address.
+type BoundSocket struct {
+	// Found: a TCP listener, or a UDP socket that would receive a datagram
+	// sent to the address.
+	Found bool
+	// CgroupID is the cgroup v2 id of the process that made the socket.
+	CgroupID uint64
+}
+
+// Bound asks the kernel whether a socket of k's protocol would take a new
+// client at k: a TCP listener or a bound UDP socket, in the node's namespace
+// or, with via, at the mapped port in an allocation's. A UDP socket's bind
+// has no state change for zs_sock_state to report, so a waking UDP service is
+// asked, not heard.
+func (g *Gate) Bound(k Key, via *ReplayTarget) (BoundSocket, error) {
+	q := zeroscaleProbeQuery{Addr: k.Addr.As16(), Port: htons(k.Port), Proto: k.Proto.ipproto()}
+	if via != nil && !via.Forward {
+		q.InNetns, q.NetnsId, q.Port = 1, via.NetnsID, htons(via.Port)
+		if via.Addr.IsValid() && !via.Addr.IsUnspecified() {
+			q.Addr = via.Addr.As16()
+		}
+	}
+	g.probeMu.Lock()
+	defer g.probeMu.Unlock()
+	if err := g.objs.ProbeQueries.Put(uint32(0), &q); err != nil {
+		return BoundSocket{}, fmt.Errorf("ask for a socket at %s: %w", k, err)
+	}
+	// The packet is only the program's context; nothing is sent.
+	if _, err := g.objs.ZsProbe.Run(&ebpf.RunOptions{Data: make([]byte, 64), Repeat: 1}); err != nil {
+		return BoundSocket{}, fmt.Errorf("look for a socket at %s: %w", k, err)
+	}
+	var a zeroscaleProbeAnswer
+	if err := g.objs.ProbeAnswers.Lookup(uint32(0), &a); err != nil {
+		return BoundSocket{}, fmt.Errorf("read the socket lookup for %s: %w", k, err)
+	}
+	found := a.Found != 0
+	if found && k.Proto == TCP && a.State != 10 {
+		found = false // a connection, not a listener
+	}
+	return BoundSocket{Found: found, CgroupID: a.CgroupId}, nil
 }

@@ -24,7 +24,7 @@ func wakeScenario(t *testing.T, addr func(*testnet.Net) netip.Addr, replay bool)
 	attach(t, g, n.HostIf)
 	host := addr(n)
 	port := freePort(t, host)
-	k := Key{host, port}
+	k := Key{Addr: host, Port: port}
 	if err := g.Park(k); err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +108,7 @@ func TestReplayAfterRetransmitIsRecognised(t *testing.T) {
 	g := loadGate(t, Options{ReportInterval: time.Second, CaptureSYNs: true})
 	attach(t, g, n.HostIf)
 	port := freePort(t, n.HostAddr)
-	k := Key{n.HostAddr, port}
+	k := Key{Addr: n.HostAddr, Port: port}
 	_ = g.Park(k)
 	target := netip.AddrPortFrom(n.HostAddr, port).String()
 

@@ -97,6 +97,23 @@ type zeroscaleNsPort struct {
 	Pad   uint16
 }
 
+type zeroscaleProbeAnswer struct {
+	_        structs.HostLayout
+	Found    uint32
+	State    uint32
+	CgroupId uint64
+}
+
+type zeroscaleProbeQuery struct {
+	_       structs.HostLayout
+	NetnsId int32
+	InNetns uint32
+	Addr    [16]uint8
+	Port    uint16
+	Proto   uint8
+	Pad     uint8
+}
+
 type zeroscaleReplayTarget struct {
 	_       structs.HostLayout
 	NetnsId int32
@@ -121,7 +138,7 @@ type zeroscaleSynFlow struct {
 	_       structs.HostLayout
 	FirstNs uint64
 	Passed  uint32
-	Pad     uint32
+	Held    uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -140,6 +157,8 @@ const (
 	zeroscaleMapListenPorts   = "listen_ports"
 	zeroscaleMapNsPorts       = "ns_ports"
 	zeroscaleMapPolicies      = "policies"
+	zeroscaleMapProbeAnswers  = "probe_answers"
+	zeroscaleMapProbeQueries  = "probe_queries"
 	zeroscaleMapReplayResult  = "replay_result"
 	zeroscaleMapReplayTargets = "replay_targets"
 	zeroscaleMapStats         = "stats"
@@ -147,8 +166,10 @@ const (
 	zeroscaleMapWakeFrom      = "wake_from"
 	zeroscaleProgZsGate       = "zs_gate"
 	zeroscaleProgZsGateTc     = "zs_gate_tc"
+	zeroscaleProgZsProbe      = "zs_probe"
 	zeroscaleProgZsReplay     = "zs_replay"
 	zeroscaleProgZsSockState  = "zs_sock_state"
+	zeroscaleProgZsUdpRecv    = "zs_udp_recv"
 	zeroscaleVarUnusedEvent   = "unused_event"
 )
 
@@ -196,8 +217,10 @@ type zeroscaleSpecs struct {
 type zeroscaleProgramSpecs struct {
 	ZsGate      *ebpf.ProgramSpec `ebpf:"zs_gate"`
 	ZsGateTc    *ebpf.ProgramSpec `ebpf:"zs_gate_tc"`
+	ZsProbe     *ebpf.ProgramSpec `ebpf:"zs_probe"`
 	ZsReplay    *ebpf.ProgramSpec `ebpf:"zs_replay"`
 	ZsSockState *ebpf.ProgramSpec `ebpf:"zs_sock_state"`
+	ZsUdpRecv   *ebpf.ProgramSpec `ebpf:"zs_udp_recv"`
 }
 
 // zeroscaleMapSpecs contains maps before they are loaded into the kernel.
@@ -216,6 +239,8 @@ type zeroscaleMapSpecs struct {
 	ListenPorts   *ebpf.MapSpec `ebpf:"listen_ports"`
 	NsPorts       *ebpf.MapSpec `ebpf:"ns_ports"`
 	Policies      *ebpf.MapSpec `ebpf:"policies"`
+	ProbeAnswers  *ebpf.MapSpec `ebpf:"probe_answers"`
+	ProbeQueries  *ebpf.MapSpec `ebpf:"probe_queries"`
 	ReplayResult  *ebpf.MapSpec `ebpf:"replay_result"`
 	ReplayTargets *ebpf.MapSpec `ebpf:"replay_targets"`
 	Stats         *ebpf.MapSpec `ebpf:"stats"`
@@ -262,6 +287,8 @@ type zeroscaleMaps struct {
 	ListenPorts   *ebpf.Map `ebpf:"listen_ports"`
 	NsPorts       *ebpf.Map `ebpf:"ns_ports"`
 	Policies      *ebpf.Map `ebpf:"policies"`
+	ProbeAnswers  *ebpf.Map `ebpf:"probe_answers"`
+	ProbeQueries  *ebpf.Map `ebpf:"probe_queries"`
 	ReplayResult  *ebpf.Map `ebpf:"replay_result"`
 	ReplayTargets *ebpf.Map `ebpf:"replay_targets"`
 	Stats         *ebpf.Map `ebpf:"stats"`
@@ -283,6 +310,8 @@ func (m *zeroscaleMaps) Close() error {
 		m.ListenPorts,
 		m.NsPorts,
 		m.Policies,
+		m.ProbeAnswers,
+		m.ProbeQueries,
 		m.ReplayResult,
 		m.ReplayTargets,
 		m.Stats,
@@ -304,16 +333,20 @@ type zeroscaleVariables struct {
 type zeroscalePrograms struct {
 	ZsGate      *ebpf.Program `ebpf:"zs_gate"`
 	ZsGateTc    *ebpf.Program `ebpf:"zs_gate_tc"`
+	ZsProbe     *ebpf.Program `ebpf:"zs_probe"`
 	ZsReplay    *ebpf.Program `ebpf:"zs_replay"`
 	ZsSockState *ebpf.Program `ebpf:"zs_sock_state"`
+	ZsUdpRecv   *ebpf.Program `ebpf:"zs_udp_recv"`
 }
 
 func (p *zeroscalePrograms) Close() error {
 	return _ZeroscaleClose(
 		p.ZsGate,
 		p.ZsGateTc,
+		p.ZsProbe,
 		p.ZsReplay,
 		p.ZsSockState,
+		p.ZsUdpRecv,
 	)
 }
 

@@ -171,7 +171,8 @@ func (a *Agent) desiredMappedPorts() map[bpf.NsPort]bpf.Key {
 				continue
 			}
 			if an := a.allocOfKey(g, k); an != nil {
-				out[bpf.NsPort{Netns: an.ns.Inode, Port: g.mappedPort(k)}] = k
+				// A port maps for both protocols: one entry, TCP's key.
+				out[bpf.NsPort{Netns: an.ns.Inode, Port: g.mappedPort(k)}] = k.WithProto(bpf.TCP)
 			}
 		}
 	}

@@ -3,8 +3,12 @@
 // zeroscale data plane:
 //   zs_gate        XDP gate keyed on (local addr, port, proto) of Consul services
 //   zs_sock_state  tp_btf/inet_sock_set_state: per-service activity and listen events
+//   zs_udp_recv    tp_btf/sock_recv_length: datagrams read by UDP services behind a
+//                  port mapping (the gate on the node sees the rest)
 //   zs_replay      XDP program run through BPF_PROG_RUN (live frames) to re-inject
-//                  a captured SYN once the service listens
+//                  a captured SYN or held datagram once the service listens
+//   zs_probe       tc program run through BPF_PROG_RUN: is a socket bound at an
+//                  address, and whose is it (UDP has no listen transition to trace)
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -12,6 +16,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
@@ -33,6 +38,12 @@ char __license[] SEC("license") = "Dual MPL/GPL";
 #define CFG_CAPTURE 2
 
 #define CAPTURE_BYTES 128
+// A held datagram is replayed whole, so its record carries up to this many
+// bytes of frame; a longer one wakes the service but is not held.
+#define DGRAM_BYTES 1536
+// Datagrams held per client flow (address and port) while the service sleeps:
+// a resolver's retries, a few log lines.
+#define DGRAM_HOLD_PER_FLOW 4
 #define LOOPBACK_IFINDEX 1
 #define MAX_VLAN 2
 #define MAX_V6_EXT 6
@@ -127,7 +138,7 @@ struct flow_key {
 struct syn_flow {
 	__u64 first_ns;
 	__u32 passed;
-	__u32 pad;
+	__u32 held; // UDP: datagrams of this flow held so far
 };
 
 struct event {
@@ -146,6 +157,13 @@ struct event {
 	__u64 cgroup_id; // cgroup v2 id: the inode of the cgroup's directory
 	__u32 tgid;      // process id, as the initial pid namespace sees it
 	__u32 netns;     // the listener's network namespace (its inode number)
+};
+
+// A datagram's record: the event, then the frame's bytes past the first
+// CAPTURE_BYTES (event.cap_len counts both parts).
+struct dgram_event {
+	struct event ev;
+	__u8 rest[DGRAM_BYTES - CAPTURE_BYTES];
 };
 
 // A port inside an allocation's own network namespace (docker, Nomad bridge
@@ -208,6 +226,14 @@ enum counter {
 	C_REPLAY_CONNECTED,
 	C_REPLAY_UNPARSEABLE,
 	C_CHECK_SYN_PASSED,
+	C_DGRAM_OPEN,
+	C_DGRAM_ACTIVITY,
+	C_DGRAM_IGNORED,
+	C_PARKED_DGRAM_DROP,
+	C_DGRAM_HELD,
+	C_DGRAM_HOLD_LIMIT,
+	C_DGRAM_TOO_LONG,
+	C_DGRAM_NS_ACTIVITY,
 	C_MAX,
 };
 
@@ -366,6 +392,37 @@ struct {
 	__type(value, struct replay_target);
 } replay_targets SEC(".maps");
 
+// zs_probe's question: is a socket of proto bound at addr:port, in the
+// node's namespace or (in_netns) in the namespace netns_id?
+struct probe_query {
+	__s32 netns_id;
+	__u32 in_netns;
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct probe_answer {
+	__u32 found;
+	__u32 state; // the socket's state (TCP: 10 for a listener)
+	__u64 cgroup_id;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct probe_query);
+} probe_queries SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct probe_answer);
+} probe_answers SEC(".maps");
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
@@ -414,17 +471,21 @@ struct pkt {
 	struct gate_key key; // destination: the local service address
 	__u8 saddr[16];
 	__be16 sport;
-	__u8 flags;
+	__u8 flags; // TCP flags; 0 for UDP
 	__u8 is_v6;
 	__u32 l2_len;
 	__u32 seq;
 	__u32 payload_len;
-	struct tcphdr *tcp;
 };
 
+static __always_inline int is_udp(const struct pkt *p)
+{
+	return p->key.proto == IPPROTO_UDP;
+}
+
 // parse reads Ethernet (with up to two VLAN tags), IPv4 or IPv6 (with
-// extension headers) and TCP. Anything else is reported as not understood and
-// the caller passes it; nothing is read past data_end.
+// extension headers) and TCP or UDP. Anything else is reported as not
+// understood and the caller passes it; nothing is read past data_end.
 // len is the whole packet's length from data on: in tc the payload may sit
 // in fragments beyond data_end.
 static __always_inline int parse(void *data, void *data_end, __u32 len, struct pkt *p)
@@ -448,8 +509,9 @@ static __always_inline int parse(void *data, void *data_end, __u32 len, struct p
 	}
 	p->l2_len = cur - data;
 
-	struct tcphdr *tcp;
-	__u32 l4_room; // bytes from the TCP header to the end of the IP payload
+	void *l4h;      // the TCP or UDP header
+	__u8 l4;        // IPPROTO_TCP or IPPROTO_UDP
+	__u32 l4_room; // bytes from the TCP or UDP header to the end of the IP payload
 
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = cur;
@@ -457,20 +519,19 @@ static __always_inline int parse(void *data, void *data_end, __u32 len, struct p
 			return PARSE_MALFORMED;
 		if (ip->version != 4 || ip->ihl < 5)
 			return PARSE_MALFORMED;
-		if (ip->protocol != IPPROTO_TCP)
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 			return PARSE_NOT_TCP;
 		if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 			return PARSE_FRAGMENT;
 		__u32 ihl = ip->ihl * 4;
 		__u32 tot = bpf_ntohs(ip->tot_len);
-		if (tot < ihl + sizeof(struct tcphdr))
+		l4 = ip->protocol;
+		if (tot < ihl + (l4 == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr)))
 			return PARSE_MALFORMED;
 		// A frame shorter than its IP length is truncated: not ours to read.
 		if ((__u64)(cur - data) + tot > len)
 			return PARSE_MALFORMED;
-		tcp = cur + ihl;
-		if ((void *)(tcp + 1) > data_end)
-			return PARSE_MALFORMED;
+		l4h = cur + ihl;
 		l4_room = tot - ihl;
 		map_v4(p->key.addr, ip->daddr);
 		map_v4(p->saddr, ip->saddr);
@@ -488,7 +549,7 @@ static __always_inline int parse(void *data, void *data_end, __u32 len, struct p
 		__u32 ext_len = 0;
 #pragma unroll
 		for (int i = 0; i < MAX_V6_EXT; i++) {
-			if (nh == IPPROTO_TCP)
+			if (nh == IPPROTO_TCP || nh == IPPROTO_UDP)
 				break;
 			if (nh == IPPROTO_FRAGMENT)
 				return PARSE_FRAGMENT;
@@ -503,13 +564,12 @@ static __always_inline int parse(void *data, void *data_end, __u32 len, struct p
 			h += len;
 			ext_len += len;
 		}
-		if (nh != IPPROTO_TCP)
+		if (nh != IPPROTO_TCP && nh != IPPROTO_UDP)
 			return PARSE_NOT_TCP;
-		tcp = h;
-		if ((void *)(tcp + 1) > data_end)
-			return PARSE_MALFORMED;
+		l4 = nh;
+		l4h = h;
 		__u32 plen = bpf_ntohs(ip6->payload_len);
-		if (plen < ext_len + sizeof(struct tcphdr))
+		if (plen < ext_len + (l4 == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr)))
 			return PARSE_MALFORMED;
 		l4_room = plen - ext_len;
 		__builtin_memcpy(p->key.addr, &ip6->daddr, 16);
@@ -523,13 +583,31 @@ static __always_inline int parse(void *data, void *data_end, __u32 len, struct p
 		return PARSE_NOT_TCP;
 	}
 
+	p->key.pad = 0;
+	if (l4 == IPPROTO_UDP) {
+		struct udphdr *udp = l4h;
+		if ((void *)(udp + 1) > data_end)
+			return PARSE_MALFORMED;
+		// The UDP length must cover its header and fit the IP payload.
+		__u32 ulen = bpf_ntohs(udp->len);
+		if (ulen < sizeof(struct udphdr) || ulen > l4_room)
+			return PARSE_MALFORMED;
+		p->key.port = udp->dest;
+		p->key.proto = IPPROTO_UDP;
+		p->sport = udp->source;
+		p->flags = 0;
+		p->seq = 0;
+		p->payload_len = ulen - sizeof(struct udphdr);
+		return PARSE_OK;
+	}
+	struct tcphdr *tcp = l4h;
+	if ((void *)(tcp + 1) > data_end)
+		return PARSE_MALFORMED;
 	__u32 doff = tcp->doff * 4;
 	if (doff < sizeof(struct tcphdr) || doff > l4_room)
 		return PARSE_MALFORMED;
-	p->tcp = tcp;
 	p->key.port = tcp->dest;
 	p->key.proto = IPPROTO_TCP;
-	p->key.pad = 0;
 	p->sport = tcp->source;
 	p->flags = ((__u8 *)tcp)[13];
 	p->seq = bpf_ntohl(tcp->seq);
@@ -539,7 +617,7 @@ static __always_inline int parse(void *data, void *data_end, __u32 len, struct p
 
 static __always_inline int is_pure_syn(const struct pkt *p)
 {
-	return (p->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN;
+	return p->key.proto == IPPROTO_TCP && (p->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN;
 }
 
 static __always_inline void flow_of(struct flow_key *fk, const struct pkt *p)
@@ -585,7 +663,26 @@ struct frame {
 	void *data_end;
 	__u32 len; // whole packet, fragments included
 	__u32 ifindex;
+	__u8 is_tc; // ctx is an skb (tc), not an xdp_md
 };
+
+static __always_inline void event_header(struct event *ev, const struct frame *f, __u32 kind, const struct pkt *p,
+					 __u64 now)
+{
+	ev->kind = kind;
+	ev->ifindex = f->ifindex;
+	ev->ts_ns = now;
+	ev->key = p->key;
+	__builtin_memcpy(ev->saddr, p->saddr, 16);
+	ev->sport = p->sport;
+	ev->pad = 0;
+	ev->frame_len = f->len;
+	ev->cap_len = 0;
+	// Ring buffer space is not zeroed, and XDP runs in no process's context.
+	ev->cgroup_id = 0;
+	ev->tgid = 0;
+	ev->netns = 0;
+}
 
 static __always_inline void emit_event(const struct frame *f, __u32 kind, const struct pkt *p, __u64 now)
 {
@@ -597,14 +694,7 @@ static __always_inline void emit_event(const struct frame *f, __u32 kind, const 
 		count(C_RINGBUF_FULL);
 		return;
 	}
-	ev->kind = kind;
-	ev->ifindex = f->ifindex;
-	ev->ts_ns = now;
-	ev->key = p->key;
-	__builtin_memcpy(ev->saddr, p->saddr, 16);
-	ev->sport = p->sport;
-	ev->pad = 0;
-	ev->frame_len = f->len;
+	event_header(ev, f, kind, p, now);
 	__u32 n = 0;
 #pragma unroll
 	for (int i = 0; i < CAPTURE_BYTES; i++) {
@@ -615,11 +705,77 @@ static __always_inline void emit_event(const struct frame *f, __u32 kind, const 
 		n++;
 	}
 	ev->cap_len = n;
-	// Ring buffer space is not zeroed, and XDP runs in no process's context.
-	ev->cgroup_id = 0;
-	ev->tgid = 0;
-	ev->netns = 0;
 	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline long load_bytes(const struct frame *f, __u32 off, void *to, __u32 len)
+{
+	if (f->is_tc)
+		return bpf_skb_load_bytes(f->ctx, off, to, len);
+	return bpf_xdp_load_bytes(f->ctx, off, to, len);
+}
+
+// emit_dgram reports a held datagram with its whole frame (the caller checked
+// that it fits), read with the load helpers: in tc and in multi-buffer XDP
+// the payload may lie beyond the linear part.
+static __always_inline void emit_dgram(const struct frame *f, __u32 kind, const struct pkt *p, __u64 now)
+{
+	struct dgram_event *d = bpf_ringbuf_reserve(&events, sizeof(*d), 0);
+	if (!d) {
+		count(C_RINGBUF_FULL);
+		return;
+	}
+	event_header(&d->ev, f, kind, p, now);
+	// Lengths less one, masked, so the verifier sees each in [1, room].
+	__u32 head = ((f->len < CAPTURE_BYTES ? f->len : CAPTURE_BYTES) - 1) & 0x7f;
+	__u32 got = 0;
+	if (f->len >= 1 && load_bytes(f, 0, d->ev.frame, head + 1) == 0) {
+		got = head + 1;
+		__u32 rest = (f->len - CAPTURE_BYTES - 1) & 0x7ff;
+		if (f->len > CAPTURE_BYTES && rest < DGRAM_BYTES - CAPTURE_BYTES &&
+		    load_bytes(f, CAPTURE_BYTES, d->rest, rest + 1) == 0)
+			got += rest + 1;
+	}
+	// A short cap_len marks the frame incomplete: it wakes, but is not replayed.
+	d->ev.cap_len = got;
+	bpf_ringbuf_submit(d, 0);
+}
+
+// ignored_source tells a peer in ignore_sources (a remote checker): its
+// traffic is never activity and never wakes.
+static __always_inline int ignored_source(const __u8 *saddr)
+{
+	struct lpm_key lk = {.prefixlen = 128};
+	__builtin_memcpy(lk.addr, saddr, 16);
+	return bpf_map_lookup_elem(&ignore_sources, &lk) != 0;
+}
+
+// may_wake applies wake_from to a packet's source.
+static __always_inline int may_wake(const struct gate_config *cfg, const struct pkt *p)
+{
+	if (!cfg || !(cfg->flags & CFG_WAKE_FROM))
+		return 1;
+	struct lpm_key lk = {.prefixlen = 128};
+	__builtin_memcpy(lk.addr, p->saddr, 16);
+	return bpf_map_lookup_elem(&wake_from, &lk) != 0;
+}
+
+// report_wake stamps the policy so that a burst on all CPUs reports once per
+// interval; it returns EVENT_WAKE for the packet that reports.
+static __always_inline __u32 report_wake(const struct gate_config *cfg, struct gate_policy *pol, struct gate_stats *st,
+					 __u64 now)
+{
+	__u64 interval = cfg && cfg->report_interval_ns ? cfg->report_interval_ns : DEFAULT_REPORT_INTERVAL_NS;
+	__u64 last = pol->last_report_ns;
+	if ((last == 0 || now - last >= interval) &&
+	    __sync_val_compare_and_swap(&pol->last_report_ns, last, now) == last) {
+		count(C_REPORTED);
+		if (st)
+			st->reports++;
+		return EVENT_WAKE;
+	}
+	count(C_SUPPRESSED);
+	return 0;
 }
 
 // is_check_syn tells a SYN that a health checker sent: from an ignored
@@ -627,9 +783,7 @@ static __always_inline void emit_event(const struct frame *f, __u32 kind, const 
 // the reversed tuple: the connecting socket is hashed before its SYN leaves).
 static __always_inline int is_check_syn(const struct frame *f, const struct pkt *p)
 {
-	struct lpm_key lk = {.prefixlen = 128};
-	__builtin_memcpy(lk.addr, p->saddr, 16);
-	if (bpf_map_lookup_elem(&ignore_sources, &lk))
+	if (ignored_source(p->saddr))
 		return 1;
 
 	// Local processes' packets arrive on the loopback device (ifindex 1 in
@@ -683,36 +837,18 @@ static __always_inline int parked_syn(const struct frame *f, const struct pkt *p
 		return V_PASS;
 	}
 
-	if (cfg && (cfg->flags & CFG_WAKE_FROM)) {
-		struct lpm_key lk = {.prefixlen = 128};
-		__builtin_memcpy(lk.addr, p->saddr, 16);
-		if (!bpf_map_lookup_elem(&wake_from, &lk)) {
-			if (st)
-				st->denied++;
-			count(C_DENIED);
-			return V_DROP;
-		}
+	if (!may_wake(cfg, p)) {
+		if (st)
+			st->denied++;
+		count(C_DENIED);
+		return V_DROP;
 	}
 
 	if (st)
 		st->syns_dropped++;
 	count(C_PARKED_DROP);
 
-	__u32 kind = 0;
-	__u64 interval = cfg && cfg->report_interval_ns ? cfg->report_interval_ns : DEFAULT_REPORT_INTERVAL_NS;
-	__u64 last = pol->last_report_ns;
-	if (last == 0 || now - last >= interval) {
-		// One CPU wins the stamp, so a burst on all CPUs reports once.
-		if (__sync_val_compare_and_swap(&pol->last_report_ns, last, now) == last)
-			kind |= EVENT_WAKE;
-	}
-	if (kind & EVENT_WAKE) {
-		count(C_REPORTED);
-		if (st)
-			st->reports++;
-	} else {
-		count(C_SUPPRESSED);
-	}
+	__u32 kind = report_wake(cfg, pol, st, now);
 
 	if (cfg && (cfg->flags & CFG_CAPTURE)) {
 		struct flow_key fk;
@@ -735,6 +871,86 @@ static __always_inline int parked_syn(const struct frame *f, const struct pkt *p
 	if (kind)
 		emit_event(f, kind, p, now);
 	return V_DROP;
+}
+
+// parked_dgram judges a datagram to a parked UDP address: every datagram may
+// be a client's first, so each one reports (rate-limited) and the first few of
+// each flow are held for replay; none reaches the stack, which would answer
+// "port unreachable" while the service sleeps.
+static __always_inline int parked_dgram(const struct frame *f, const struct pkt *p, struct gate_policy *pol,
+					struct gate_stats *st, __u64 now)
+{
+	struct gate_config *cfg = get_config();
+
+	// A remote checker sees the truth and wakes nothing, as with SYNs.
+	if (ignored_source(p->saddr)) {
+		if (st)
+			st->check_syns++;
+		count(C_DGRAM_IGNORED);
+		return V_PASS;
+	}
+	if (!may_wake(cfg, p)) {
+		if (st)
+			st->denied++;
+		count(C_DENIED);
+		return V_DROP;
+	}
+	if (st)
+		st->syns_dropped++;
+	count(C_PARKED_DGRAM_DROP);
+
+	__u32 kind = report_wake(cfg, pol, st, now);
+
+	if (cfg && (cfg->flags & CFG_CAPTURE)) {
+		int hold = 0;
+		struct flow_key fk;
+		flow_of(&fk, p);
+		struct syn_flow *seen = bpf_map_lookup_elem(&syn_flows, &fk);
+		int fresh_flow = !seen || now - seen->first_ns > cfg->syn_max_age_ns;
+		if (f->len > DGRAM_BYTES) {
+			count(C_DGRAM_TOO_LONG);
+		} else if (!fresh_flow && seen->held >= DGRAM_HOLD_PER_FLOW) {
+			count(C_DGRAM_HOLD_LIMIT);
+		} else if (pol->captured >= cfg->max_capture) {
+			count(C_CAPTURE_LIMIT);
+		} else if (fresh_flow) {
+			struct syn_flow first = {.first_ns = now, .held = 1};
+			hold = bpf_map_update_elem(&syn_flows, &fk, &first, BPF_ANY) == 0;
+		} else {
+			__sync_fetch_and_add(&seen->held, 1);
+			hold = 1;
+		}
+		if (hold) {
+			__sync_fetch_and_add(&pol->captured, 1);
+			kind |= EVENT_CAPTURE;
+			count(C_DGRAM_HELD);
+			if (st)
+				st->captured++;
+		}
+	}
+
+	if (kind & EVENT_CAPTURE)
+		emit_dgram(f, kind, p, now);
+	else if (kind)
+		emit_event(f, kind, p, now);
+	return V_DROP;
+}
+
+// dgram_activity counts a datagram to an open UDP address as the service's
+// activity: UDP has no connection for the socket programs to count.
+static __always_inline void dgram_activity(const struct pkt *p, __u64 now)
+{
+	count(C_DGRAM_OPEN);
+	if (ignored_source(p->saddr)) {
+		count(C_DGRAM_IGNORED);
+		return;
+	}
+	struct sock_activity *a = bpf_map_lookup_elem(&activity, &p->key);
+	if (!a)
+		return;
+	a->last_active_ns = now;
+	__sync_fetch_and_add(&a->bytes, p->payload_len);
+	count(C_DGRAM_ACTIVITY);
 }
 
 // A RST answers a SYN to an address whose service woke elsewhere, so the
@@ -871,7 +1087,9 @@ static __always_inline int gate(const struct frame *f, const struct pkt *p, stru
 			st->last_seen_ns = now;
 		}
 		count(C_OPEN);
-		if (is_pure_syn(p)) {
+		if (is_udp(p))
+			dgram_activity(p, now);
+		else if (is_pure_syn(p)) {
 			// Remember that this client got through on its own, so a
 			// captured copy of its SYN is not replayed as well.
 			struct flow_key fk;
@@ -882,12 +1100,16 @@ static __always_inline int gate(const struct frame *f, const struct pkt *p, stru
 		}
 		return V_PASS;
 	case GATE_PARKED:
+		if (is_udp(p))
+			return parked_dgram(f, p, pol, st, now);
 		if (!is_pure_syn(p)) {
 			count(C_PARKED_PASS);
 			return V_PASS;
 		}
 		return parked_syn(f, p, pol, st, now);
 	case GATE_MOVED:
+		// A datagram goes to the stack, which answers "port unreachable":
+		// UDP has no RST to tell the client to re-resolve.
 		if (!is_pure_syn(p)) {
 			count(C_MOVED_PASS);
 			return V_PASS;
@@ -977,6 +1199,7 @@ int zs_gate_tc(struct __sk_buff *skb)
 		.data_end = (void *)(long)skb->data_end,
 		.len = skb->len,
 		.ifindex = skb->ingress_ifindex,
+		.is_tc = 1,
 	};
 	struct pkt p = {};
 
@@ -1038,7 +1261,7 @@ int zs_replay(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct pkt p = {};
 
-	if (parse(data, data_end, data_end - data, &p) != PARSE_OK || !is_pure_syn(&p)) {
+	if (parse(data, data_end, data_end - data, &p) != PARSE_OK || (!is_pure_syn(&p) && !is_udp(&p))) {
 		count(C_REPLAY_UNPARSEABLE);
 		set_replay_result(REPLAY_UNPARSEABLE);
 		return XDP_DROP;
@@ -1079,6 +1302,20 @@ int zs_replay(struct xdp_md *ctx)
 		size = sizeof(tuple.ipv4);
 	}
 
+	if (is_udp(&p)) {
+		// A datagram needs a socket bound at its address and port.
+		struct bpf_sock *usk = bpf_sk_lookup_udp(ctx, &tuple, size, netns, 0);
+		if (!usk) {
+			count(C_REPLAY_NO_LISTENER);
+			set_replay_result(REPLAY_NO_LISTENER);
+			return XDP_DROP;
+		}
+		bpf_sk_release(usk);
+		count(C_REPLAY_PASSED);
+		set_replay_result(REPLAY_PASSED);
+		return XDP_PASS;
+	}
+
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(ctx, &tuple, size, netns, 0);
 	if (!sk) {
 		count(C_REPLAY_NO_LISTENER);
@@ -1095,6 +1332,75 @@ int zs_replay(struct xdp_md *ctx)
 	count(C_REPLAY_PASSED);
 	set_replay_result(REPLAY_PASSED);
 	return XDP_PASS;
+}
+
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+// sock_cgroup_id reads the cgroup v2 id of a socket's creator through the
+// kernel's own type: tc has no bpf_sk_cgroup_id on this kernel.
+static __always_inline __u64 sock_cgroup_id(struct bpf_sock *sk)
+{
+	struct sock *ks = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct sock));
+	struct cgroup *cg = ks->sk_cgrp_data.cgroup;
+	if (!cg)
+		return 0;
+	return cg->kn->id;
+}
+
+// zs_probe answers probe_queries: is a TCP listener or a bound UDP socket at
+// the address, and in whose cgroup? UDP sockets have no listen transition
+// for zs_sock_state to report, so a waking group's UDP readiness is asked.
+// A tc program, for bpf_sk_cgroup_id; its packet is only a context.
+SEC("tc")
+int zs_probe(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct probe_answer answer = {};
+	struct probe_query *q = bpf_map_lookup_elem(&probe_queries, &zero);
+	if (!q)
+		return TC_ACT_SHOT;
+
+	__u64 netns = q->in_netns ? (__u64)(__u32)q->netns_id : BPF_F_CURRENT_NETNS;
+	struct bpf_sock_tuple tuple = {};
+	__u32 size;
+	if (is_v4_mapped(q->addr)) {
+		// The source is a placeholder: only a connected socket cares.
+		__builtin_memcpy(&tuple.ipv4.saddr, q->addr + 12, 4);
+		__builtin_memcpy(&tuple.ipv4.daddr, q->addr + 12, 4);
+		tuple.ipv4.sport = bpf_htons(9);
+		tuple.ipv4.dport = q->port;
+		size = sizeof(tuple.ipv4);
+	} else {
+		__builtin_memcpy(tuple.ipv6.saddr, q->addr, 16);
+		__builtin_memcpy(tuple.ipv6.daddr, q->addr, 16);
+		tuple.ipv6.sport = bpf_htons(9);
+		tuple.ipv6.dport = q->port;
+		size = sizeof(tuple.ipv6);
+	}
+
+	// Two lookups kept apart: the verifier will not let one instruction
+	// read both a socket and a sock_common.
+	if (q->proto == IPPROTO_UDP) {
+		struct bpf_sock *sk = bpf_sk_lookup_udp(skb, &tuple, size, netns, 0);
+		if (sk) {
+			answer.found = 1;
+			answer.state = sk->state;
+			answer.cgroup_id = sock_cgroup_id(sk);
+			bpf_sk_release(sk);
+		}
+	} else {
+		struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, size, netns, 0);
+		if (sk) {
+			__u32 state = sk->state;
+			asm volatile("" : "+r"(state));
+			answer.found = 1;
+			answer.state = state;
+			answer.cgroup_id = sock_cgroup_id(sk);
+			bpf_sk_release(sk);
+		}
+	}
+	bpf_map_update_elem(&probe_answers, &zero, &answer, BPF_ANY);
+	return TC_ACT_SHOT;
 }
 
 /* ---------------------------------------------------------------- sockets */
@@ -1135,6 +1441,7 @@ static __always_inline int service_key(struct gate_key *k, const struct sock *sk
 	if (!mapped)
 		return 0;
 	*k = *mapped;
+	k->proto = IPPROTO_TCP; // a port maps for both protocols
 	return 1;
 }
 
@@ -1296,5 +1603,36 @@ int BPF_PROG(zs_sock_state, struct sock *sk, int oldstate, int newstate)
 	} else if (oldstate == ST_ESTABLISHED) {
 		left_established(sk);
 	}
+	return 0;
+}
+
+// zs_udp_recv counts datagrams read by a UDP service behind a port mapping
+// as that service address's activity. The gate on the node's interfaces
+// sees the datagrams that arrive from outside (and honours ignore_sources);
+// a client on the node reaches such a service through the port mapping's
+// own NAT, past the gate, so only the socket sees those.
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(zs_udp_recv, struct sock *sk, int ret, int flags)
+{
+	if (ret <= 0 || sk->sk_protocol != IPPROTO_UDP)
+		return 0;
+	struct gate_config *cfg = get_config();
+	if (!cfg || !cfg->netns_inum)
+		return 0;
+	__u32 netns = sk->__sk_common.skc_net.net->ns.inum;
+	if (netns == cfg->netns_inum)
+		return 0;
+	struct ns_port np = {.netns = netns, .port = bpf_htons(sk->__sk_common.skc_num)};
+	struct gate_key *mapped = bpf_map_lookup_elem(&ns_ports, &np);
+	if (!mapped)
+		return 0;
+	struct gate_key k = *mapped;
+	k.proto = IPPROTO_UDP;
+	struct sock_activity *a = bpf_map_lookup_elem(&activity, &k);
+	if (!a)
+		return 0;
+	a->last_active_ns = bpf_ktime_get_ns();
+	__sync_fetch_and_add(&a->bytes, ret);
+	count(C_DGRAM_NS_ACTIVITY);
 	return 0;
 }
