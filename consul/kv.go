@@ -23,6 +23,9 @@ type ActivityReport struct {
 	Established int64     `json:"established"` // open real connections now
 	LastActive  time.Time `json:"last_active"` // last real connection opened or closed
 	Checks      uint64    `json:"checks"`      // health-check connections seen
+	// Ungated names a socket of a protocol the group's policy does not gate
+	// ("10.0.0.5:53/udp"), seen at one of its addresses on this node.
+	Ungated string `json:"ungated,omitempty"`
 	// ParkedEpoch acknowledges that this node closed its gate for the
 	// group's parking attempt of that epoch.
 	ParkedEpoch uint64    `json:"parked_epoch,omitempty"`

@@ -33,11 +33,26 @@ type fakeGate struct {
 	replayVia []*bpf.ReplayTarget
 	mapped    map[bpf.NsPort]bpf.Key
 	watched   map[uint16]bool
+	// bound are the sockets Bound finds, with their cgroup ids.
+	bound map[bpf.Key]uint64
 }
 
 func newFakeGate() *fakeGate {
 	return &fakeGate{states: map[bpf.Key]bpf.State{}, activity: map[bpf.Key]bpf.Activity{}, passed: map[netip.AddrPort]bool{},
-		mapped: map[bpf.NsPort]bpf.Key{}, watched: map[uint16]bool{}}
+		mapped: map[bpf.NsPort]bpf.Key{}, watched: map[uint16]bool{}, bound: map[bpf.Key]uint64{}}
+}
+
+func (g *fakeGate) Bound(k bpf.Key, _ *bpf.ReplayTarget) (bpf.BoundSocket, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	cg, ok := g.bound[k]
+	return bpf.BoundSocket{Found: ok, CgroupID: cg}, nil
+}
+
+func (g *fakeGate) bind(k bpf.Key, cgroup uint64) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.bound[k] = cgroup
 }
 
 func (g *fakeGate) set(k bpf.Key, s bpf.State) error {

@@ -58,7 +58,9 @@ func (a *Agent) desiredForwards(g *group) map[bpf.Key]netip.AddrPort {
 	live := g.liveKeys()
 	out := make(map[bpf.Key]netip.AddrPort)
 	for k, parked := range g.parkedKeys() {
-		if _, ok := live[k]; ok || !a.isLocal(k.Addr) {
+		// The kernel's NAT forwards TCP connections; a datagram to an
+		// address the group left is refused ("port unreachable").
+		if _, ok := live[k]; ok || !a.isLocal(k.Addr) || k.Proto != bpf.TCP {
 			continue
 		}
 		if to, ok := a.forwardTarget(g, k, parked.Service, live); ok {
@@ -80,7 +82,7 @@ func (a *Agent) forwardTarget(g *group, from bpf.Key, service string, live map[b
 	}
 	var cands []candidate
 	for k, inst := range live {
-		if inst.Service != service || k.Addr.Is4() != from.Addr.Is4() {
+		if inst.Service != service || k.Addr.Is4() != from.Addr.Is4() || k.Proto != from.Proto {
 			continue
 		}
 		rank := 0

@@ -172,7 +172,7 @@ func (a *Agent) forget(k bpf.Key) {
 
 // localReport is this node's activity summary for g.
 func (a *Agent) localReport(g *group, now time.Time) consul.ActivityReport {
-	r := consul.ActivityReport{Node: a.node, ParkedEpoch: g.parkedEpoch, Reported: now}
+	r := consul.ActivityReport{Node: a.node, ParkedEpoch: g.parkedEpoch, Reported: now, Ungated: g.ungated}
 	for k := range g.keys() {
 		if _, ok := a.kernel[k]; !ok || a.keyIndex[k] != g.id {
 			continue

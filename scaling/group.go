@@ -19,6 +19,12 @@ type group struct {
 
 	policy      *Policy
 	policyIndex uint64 // ModifyIndex of the policy last read
+	// bindWatch: a lookup for the waking group's UDP sockets runs.
+	bindWatch bool
+	// ungated names a socket of a protocol the policy does not gate at a
+	// live address here ("" if none), as last looked at ungatedAt.
+	ungated   string
+	ungatedAt time.Time
 	// reported remembers which policy/job versions were already reported
 	// (invalid policy, address warnings), so each is reported once.
 	reported    map[string]bool
@@ -103,12 +109,33 @@ func newGroup(id GroupID, now time.Time) *group {
 	}
 }
 
+// protocols are the transports g gates at each address: its policy's, TCP
+// without one.
+func (g *group) protocols() []bpf.Protocol {
+	if g.policy == nil || len(g.policy.Protocols) == 0 {
+		return []bpf.Protocol{bpf.TCP}
+	}
+	return g.policy.Protocols
+}
+
+// keysAt are g's gate keys at one service address: one per protocol.
+func (g *group) keysAt(ap netip.AddrPort) []bpf.Key {
+	k := bpf.KeyFrom(ap)
+	out := make([]bpf.Key, 0, 2)
+	for _, p := range g.protocols() {
+		out = append(out, k.WithProto(p))
+	}
+	return out
+}
+
 // liveKeys are the addresses of the group's Nomad-registered instances.
 func (g *group) liveKeys() map[bpf.Key]consul.Instance {
 	out := make(map[bpf.Key]consul.Instance)
 	for _, insts := range g.instances {
 		for _, inst := range insts {
-			out[bpf.KeyFrom(inst.AddrPort())] = inst
+			for _, k := range g.keysAt(inst.AddrPort()) {
+				out[k] = inst
+			}
 		}
 	}
 	return out
@@ -119,7 +146,9 @@ func (g *group) parkedKeys() map[bpf.Key]consul.Address {
 	out := make(map[bpf.Key]consul.Address)
 	for _, a := range g.state.Addresses {
 		if ap, err := netip.ParseAddrPort(a.Addr); err == nil {
-			out[bpf.KeyFrom(ap)] = a
+			for _, k := range g.keysAt(ap) {
+				out[k] = a
+			}
 		}
 	}
 	return out
@@ -136,7 +165,9 @@ func (g *group) keys() map[bpf.Key]bool {
 	}
 	for _, insts := range g.placeholder {
 		for _, inst := range insts {
-			out[bpf.KeyFrom(inst.AddrPort())] = true
+			for _, k := range g.keysAt(inst.AddrPort()) {
+				out[k] = true
+			}
 		}
 	}
 	return out
@@ -406,7 +437,9 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 	if lk := g.liveKeys(); len(lk) > 0 {
 		g.lastLive = g.lastLive[:0]
 		for k, inst := range lk {
-			g.lastLive = append(g.lastLive, consul.Address{Service: inst.Service, Addr: k.String(), Node: inst.Node})
+			if ad := (consul.Address{Service: inst.Service, Addr: k.AddrPort().String(), Node: inst.Node}); !slices.Contains(g.lastLive, ad) {
+				g.lastLive = append(g.lastLive, ad)
+			}
 		}
 		sortAddresses(g.lastLive)
 	}
@@ -423,7 +456,7 @@ func (a *Agent) setInstances(g *group, service string, insts []consul.Instance) 
 		var ready []bpf.Key
 		for _, inst := range live {
 			if inst.Passing && inst.Checked && !slices.Contains(g.state.Allocs, inst.AllocID) {
-				ready = append(ready, bpf.KeyFrom(inst.AddrPort()))
+				ready = append(ready, g.keysAt(inst.AddrPort())...)
 			}
 		}
 		if len(ready) > 0 {

@@ -19,6 +19,8 @@ type Gate interface {
 	Activity(bpf.Key) (bpf.Activity, error)
 	Replay(frame []byte, ifindex int, via *bpf.ReplayTarget) (bpf.ReplayResult, error)
 	SYNPassed(bpf.Key, netip.AddrPort) bool
+	// Bound looks for a TCP listener or a bound UDP socket at a key.
+	Bound(bpf.Key, *bpf.ReplayTarget) (bpf.BoundSocket, error)
 	// Keys reads back every entry in the kernel: the reconciler diffs
 	// against this, never against what it believes it wrote.
 	Keys() (map[bpf.Key]bpf.State, error)

@@ -173,7 +173,7 @@ func (g *group) knownAddresses() []consul.Address {
 		add(ad)
 	}
 	for k, inst := range g.liveKeys() {
-		add(consul.Address{Service: inst.Service, Addr: k.String(), Node: inst.Node})
+		add(consul.Address{Service: inst.Service, Addr: k.AddrPort().String(), Node: inst.Node})
 	}
 	for _, insts := range g.placeholder {
 		for _, inst := range insts {

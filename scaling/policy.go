@@ -8,11 +8,13 @@ package scaling
 import (
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 	"strings"
 	"time"
 
 	"github.com/hashicorp/nomad/api"
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
 	"github.com/zeroscale/nomad-driver-zeroscale/consul"
 )
 
@@ -62,6 +64,9 @@ type Policy struct {
 	// WakeWith are groups woken with this one, whose readiness it waits
 	// for, and which do not sleep while it is awake.
 	WakeWith []GroupID
+	// Protocols are the transports gated at each service address: TCP
+	// alone unless the policy says otherwise.
+	Protocols []bpf.Protocol
 }
 
 // PolicyBlock is the name of the block inside `policy { … }`.
@@ -107,6 +112,7 @@ func ParsePolicy(p *api.ScalingPolicy) (Policy, error) {
 		WakeCount:   DefaultWakeCount,
 		WakeTimeout: DefaultWakeTimeout,
 		Ready:       DefaultReady,
+		Protocols:   []bpf.Protocol{bpf.TCP},
 	}
 	if out.Target.Namespace == "" {
 		out.Target.Namespace = "default"
@@ -135,7 +141,7 @@ func ParsePolicy(p *api.ScalingPolicy) (Policy, error) {
 		return out, fieldErr(base, "%s", err)
 	}
 	known := map[string]bool{"idle_timeout": true, "wake_count": true, "wake_timeout": true, "ready": true,
-		"awake_during": true, "wake_with": true}
+		"awake_during": true, "wake_with": true, "protocols": true}
 	var unknown []string
 	for k := range block {
 		if !known[k] {
@@ -144,7 +150,7 @@ func ParsePolicy(p *api.ScalingPolicy) (Policy, error) {
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return out, fieldErr(base+"."+unknown[0], "unknown field (want idle_timeout, wake_count, wake_timeout, ready, awake_during or wake_with)")
+		return out, fieldErr(base+"."+unknown[0], "unknown field (want idle_timeout, wake_count, wake_timeout, ready, awake_during, wake_with or protocols)")
 	}
 
 	if v, ok := block["idle_timeout"]; ok {
@@ -202,6 +208,26 @@ func ParsePolicy(p *api.ScalingPolicy) (Policy, error) {
 				return out, fieldErr(fmt.Sprintf("%s.wake_with[%d]", base, i), "%q is the group itself", s)
 			}
 			out.WakeWith = append(out.WakeWith, dep)
+		}
+	}
+	if v, ok := block["protocols"]; ok {
+		list, err := stringList(v)
+		if err != nil {
+			return out, fieldErr(base+".protocols", "%s", err)
+		}
+		if len(list) == 0 {
+			return out, fieldErr(base+".protocols", "is empty; want \"tcp\", \"udp\" or both")
+		}
+		out.Protocols = nil
+		for i, s := range list {
+			p, err := bpf.ParseProtocol(strings.ToLower(strings.TrimSpace(s)))
+			if err != nil {
+				return out, fieldErr(fmt.Sprintf("%s.protocols[%d]", base, i), "%s", err)
+			}
+			if slices.Contains(out.Protocols, p) {
+				return out, fieldErr(fmt.Sprintf("%s.protocols[%d]", base, i), "%q is listed twice", s)
+			}
+			out.Protocols = append(out.Protocols, p)
 		}
 	}
 	if v, ok := block["ready"]; ok {

@@ -33,11 +33,13 @@ func (a *Agent) Tick() {
 			a.refreshSpec(g, now) // the job may have changed its services
 		}
 		a.reconcile(g, now)
+		a.checkProtocols(g, now)
 		a.publishActivity(g, now)
 		if a.leader && g.policy != nil && !g.stoodDown {
 			a.leaderDuties(g, now)
 		}
 		a.wakeDuties(g, now)
+		a.watchBinds(g)
 		a.expireCaptures(g, now)
 		a.forwardAndReplay(g)
 		a.syncGate(g)

@@ -20,9 +20,17 @@ func (a *Agent) capture(g *group, ev bpf.Event) {
 		return
 	}
 	list := g.captures[ev.Key]
-	for _, c := range list {
-		if c.source == ev.Source {
+	if ev.Key.Proto == bpf.UDP {
+		// Each held datagram is a message of its own (the kernel holds a
+		// few per flow), replayed whole or not at all.
+		if len(ev.Frame) < ev.FrameLen {
 			return
+		}
+	} else {
+		for _, c := range list {
+			if c.source == ev.Source {
+				return
+			}
 		}
 	}
 	if len(list) >= a.cfg.MaxCapturesPerKey {

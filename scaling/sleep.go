@@ -105,6 +105,16 @@ func (a *Agent) startParking(g *group, now time.Time, reason string, forced bool
 		g.nextIdleCheck = now.Add(30 * time.Second)
 		return
 	}
+	if _, _, reports := a.union(g, now); ungatedSocket(reports) != "" {
+		// Its clients speak a protocol the gate ignores: parked, they
+		// would find nothing and wake nothing. Fail towards serving.
+		socket := ungatedSocket(reports)
+		msg := protocolsMessage(g, socket)
+		a.logger.Error(msg, "group", g.id.String())
+		a.reportOnce(g, fmt.Sprintf("ungated-%s-%d", socket, g.policyIndex), true, msg)
+		g.nextIdleCheck = now.Add(30 * time.Second)
+		return
+	}
 	status, err := a.cfg.Nomad.ScaleStatus(g.id)
 	if err != nil {
 		a.logger.Warn("cannot read the group's count", "group", g.id.String(), "error", err)
@@ -129,7 +139,10 @@ func (a *Agent) startParking(g *group, now time.Time, reason string, forced bool
 	var addrs []consul.Address
 	var allocs []string
 	for k, inst := range g.liveKeys() {
-		addrs = append(addrs, consul.Address{Service: inst.Service, Addr: k.String(), Node: inst.Node})
+		// Records hold addresses; each is gated for every protocol.
+		if ad := (consul.Address{Service: inst.Service, Addr: k.AddrPort().String(), Node: inst.Node}); !slices.Contains(addrs, ad) {
+			addrs = append(addrs, ad)
+		}
 		if inst.AllocID != "" && !slices.Contains(allocs, inst.AllocID) {
 			allocs = append(allocs, inst.AllocID)
 		}
@@ -273,7 +286,7 @@ func (a *Agent) publishActivity(g *group, now time.Time) {
 	}
 	r := a.localReport(g, now)
 	prev := g.lastReport
-	changed := r.Established != prev.Established || !r.LastActive.Equal(prev.LastActive)
+	changed := r.Established != prev.Established || !r.LastActive.Equal(prev.LastActive) || r.Ungated != prev.Ungated
 	urgent := r.ParkedEpoch != prev.ParkedEpoch
 	// A sleeping group's activity decides nothing until it wakes (then it
 	// reports at once: its last report is old): no heartbeat, so a

@@ -84,6 +84,7 @@ func (a *Agent) startWake(g *group, ev bpf.Event, now time.Time, mayRetry bool) 
 	a.logger.Info("waking group", "group", g.id.String(), "from", ev.Source, "wake_count", g.policy.WakeCount)
 	a.tryScaleUp(g, now)
 	a.wakeDependencies(g, now)
+	a.watchBinds(g)
 }
 
 // takeOverWake makes this node the owner of a wake whose first owner left
@@ -273,10 +274,10 @@ func (a *Agent) listensFor(g *group, k bpf.Key, ev bpf.Event) bool {
 	if !a.inNodeNetns(ev) {
 		// Only a group with its own namespaces listens outside the node's
 		// (another node's agent on the same machine, in tests, would too).
-		return g.spec.OwnNetwork && ev.Key.Port == g.mappedPort(k)
+		return g.spec.OwnNetwork && ev.Key.Port == g.mappedPort(k) && ev.Key.Proto == k.Proto
 	}
 	la := ev.Key.Addr
-	return k.Port == ev.Key.Port && (la == k.Addr || la.IsUnspecified() && (la.Is6() || k.Addr.Is4()))
+	return k.Port == ev.Key.Port && k.Proto == ev.Key.Proto && (la == k.Addr || la.IsUnspecified() && (la.Is6() || k.Addr.Is4()))
 }
 
 type listenSeen struct {
