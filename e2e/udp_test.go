@@ -154,7 +154,7 @@ func TestUDPDNSSleepsAndWakes(t *testing.T) {
 // each is answered and that the group never sleeps, nor tries to, meanwhile.
 func digKeepsAwake(t *testing.T, c *harness.Cluster, job string, addr netip.Addr, port int, interval, span time.Duration) {
 	t.Helper()
-	waitGatedAwake(t, c, job)
+	requireGated(t, c, job)
 	before := groupRecord(t, c, job)
 	began := time.Now()
 	var failed, sleptAt []string
@@ -188,21 +188,20 @@ func digKeepsAwake(t *testing.T, c *harness.Cluster, job string, addr netip.Addr
 	t.Logf("%d UDP queries every %v for %v, all answered, no scale-down", queries, interval, span)
 }
 
-// waitGatedAwake waits until the plugin records the group as awake: it
-// gates it (a group whose policy it ignores would stay awake for nothing).
-func waitGatedAwake(t *testing.T, c *harness.Cluster, job string) {
+// requireGated fails unless the plugin took the group's policy (no error
+// scaling event: an invalid policy is ignored, and its group stays awake for
+// nothing) and holds it awake (the record it keeps of the group is written
+// at the first parking).
+func requireGated(t *testing.T, c *harness.Cluster, job string) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		rec := groupRecord(t, c, job)
-		if rec.Phase == "awake" {
-			return
-		}
-		if time.Now().After(deadline) {
+	for _, e := range c.ScaleEvents(t, job, job) {
+		if e.Error {
 			logEvents(t, c, job)
-			t.Fatalf("the plugin's record of the group is %q (%q), not awake: it does not gate the group", rec.Phase, rec.Reason)
+			t.Fatalf("an error scaling event: %s", e.Message)
 		}
-		time.Sleep(250 * time.Millisecond)
+	}
+	if rec := groupRecord(t, c, job); rec.Phase != "" && rec.Phase != "awake" {
+		t.Fatalf("the plugin's record of the group is %q (%q), not awake", rec.Phase, rec.Reason)
 	}
 }
 
