@@ -93,7 +93,7 @@ func measureUDPWakes(b *testing.B, c *harness.Cluster, addr netip.Addr, port int
 	tcpOpts := []string{"+tcp", "+tries=1", "+timeout=20"}
 	for range udpWakes {
 		for _, opts := range [][]string{udpOpts, tcpOpts} {
-			took, err := c.DigShort(addr, port, 30*time.Second, opts...)
+			took, _, err := c.DigShort(addr, port, 30*time.Second, opts...)
 			if err != nil {
 				b.Fatalf("dig the awake server: %v", err)
 			}
@@ -113,7 +113,7 @@ func measureUDPWakes(b *testing.B, c *harness.Cluster, addr netip.Addr, port int
 		c.WaitDesired(b, "dns", "dns", 0, 120*time.Second)
 		c.WaitNoneRunning(b, "dns", 60*time.Second)
 		time.Sleep(wakeSettle)
-		took, err := c.DigShort(addr, port, 60*time.Second, opts...)
+		took, _, err := c.DigShort(addr, port, 60*time.Second, opts...)
 		if err != nil {
 			b.Fatalf("wake %d (%v): %v\n%s", i, opts, err, c.Diagnose(b))
 		}

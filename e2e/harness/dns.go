@@ -191,14 +191,23 @@ func (c *Cluster) Dig(addr netip.Addr, port int, timeout time.Duration, opts ...
 }
 
 // DigShort is Dig with +short: nil error only when the one answer is
-// DNSAnswer.
-func (c *Cluster) DigShort(addr netip.Addr, port int, timeout time.Duration, opts ...string) (time.Duration, error) {
+// DNSAnswer. dig's notes of tries that timed out (";;" lines, with
+// +tries above 1) are left out of the answer and returned.
+func (c *Cluster) DigShort(addr netip.Addr, port int, timeout time.Duration, opts ...string) (time.Duration, []string, error) {
 	out, took, err := c.Dig(addr, port, timeout, append([]string{"+short"}, opts...)...)
 	if err != nil {
-		return took, fmt.Errorf("dig %v: %v: %s", opts, err, strings.TrimSpace(out))
+		return took, nil, fmt.Errorf("dig %v: %v: %s", opts, err, strings.TrimSpace(out))
 	}
-	if got := strings.TrimSpace(out); got != DNSAnswer {
-		return took, fmt.Errorf("dig %v answered %q, want %s", opts, got, DNSAnswer)
+	var answers, notes []string
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		if strings.HasPrefix(line, ";;") {
+			notes = append(notes, line)
+		} else {
+			answers = append(answers, line)
+		}
 	}
-	return took, nil
+	if len(answers) != 1 || answers[0] != DNSAnswer {
+		return took, notes, fmt.Errorf("dig %v answered %q, want %s", opts, out, DNSAnswer)
+	}
+	return took, notes, nil
 }
