@@ -64,10 +64,10 @@ func udpWakeLatency(b *testing.B, t *table) {
 	on, off := results[true], results[false]
 	base := percentile(on.wakeTCP, 50)
 	row := func(name string, ds []time.Duration) string {
-		return fmt.Sprintf("%-46s %8s %8s   %.2f×", name, ms(percentile(ds, 50)), ms(percentile(ds, 100)),
+		return fmt.Sprintf("%-52s %8s %8s   %.2f×", name, ms(percentile(ds, 50)), ms(percentile(ds, 100)),
 			float64(percentile(ds, 50))/float64(base))
 	}
-	rows := []string{fmt.Sprintf("%-46s %8s %8s   %s", "", "p50", "max", "p50 ÷ tcp replay on"),
+	rows := []string{fmt.Sprintf("%-52s %8s %8s   %s", "", "p50", "max", "p50 ÷ tcp replay on"),
 		row("awake, no wake: dig (udp)", on.awakeUDP),
 		row("awake, no wake: dig +tcp", on.awakeTCP),
 		row("tcp (dig +tcp connect) replay on", on.wakeTCP),
