@@ -85,9 +85,9 @@ type Gate struct {
 	// recovered names the pinned maps of another layout that Load replaced.
 	recovered []string
 
-	mu       sync.Mutex
-	links    map[string]attachedLink // gate links by interface name
-	watched  map[uint16]bool         // ports watched for listeners beyond the gated ones
+	mu        sync.Mutex
+	links     map[string]attachedLink // gate links by interface name
+	watched   map[uint16]bool         // ports watched for listeners beyond the gated ones
 	sockLinks []link.Link
 
 	replayMu sync.Mutex

@@ -57,6 +57,11 @@ func (a *Agent) desiredGate(g *group) map[bpf.Key]bpf.State {
 				// It did come back here: this node saw its new allocation
 				// ready at k, and Consul's view has yet to list it.
 				out[k] = bpf.StateOpen
+			case k.Proto == bpf.UDP && !elsewhere && !g.wokeFromSleep.IsZero() && now.Sub(g.wokeFromSleep) < g.policy.WakeTimeout:
+				// The group is up (its TCP side, or another address), but
+				// no UDP socket is bound here yet: its datagrams stay held
+				// for replay while watchBinds looks, at most wake_timeout.
+				out[k] = bpf.StateParked
 			case a.cfg.Forwarder != nil:
 				if !elsewhere && woke < forwardHold {
 					out[k] = bpf.StateParked

@@ -1,6 +1,7 @@
 package scaling
 
 import (
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -8,6 +9,7 @@ import (
 	"github.com/hashicorp/nomad/api"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"github.com/zeroscale/nomad-driver-zeroscale/bpf"
 )
 
 func counterValue(t *testing.T, c prometheus.Counter) float64 {
@@ -75,6 +77,10 @@ func TestParsePolicyErrorsNameTheField(t *testing.T) {
 		}, "scaling.policy.zeroscale.awake_during[1]"},
 		{"window not a list of strings", func(p *api.ScalingPolicy) { p.Policy["zeroscale"] = map[string]any{"awake_during": 8} }, "scaling.policy.zeroscale.awake_during"},
 		{"wake_with not JOB/GROUP", func(p *api.ScalingPolicy) { p.Policy["zeroscale"] = map[string]any{"wake_with": []any{"postgres"}} }, "scaling.policy.zeroscale.wake_with[0]"},
+		{"protocols unknown", func(p *api.ScalingPolicy) { p.Policy["zeroscale"] = map[string]any{"protocols": []any{"tcp", "sctp"}} }, "scaling.policy.zeroscale.protocols[1]"},
+		{"protocols twice", func(p *api.ScalingPolicy) { p.Policy["zeroscale"] = map[string]any{"protocols": []any{"udp", "udp"}} }, "scaling.policy.zeroscale.protocols[1]"},
+		{"protocols empty", func(p *api.ScalingPolicy) { p.Policy["zeroscale"] = map[string]any{"protocols": []any{}} }, "scaling.policy.zeroscale.protocols"},
+		{"protocols not strings", func(p *api.ScalingPolicy) { p.Policy["zeroscale"] = map[string]any{"protocols": 17} }, "scaling.policy.zeroscale.protocols"},
 		{"wake_with itself", func(p *api.ScalingPolicy) {
 			p.Policy["zeroscale"] = map[string]any{"wake_with": []any{p.Target["Job"] + "/" + p.Target["Group"]}}
 		}, "scaling.policy.zeroscale.wake_with[0]"},
@@ -98,5 +104,16 @@ func TestParsePolicyErrorsNameTheField(t *testing.T) {
 	}
 	if HasZeroscaleBlock(&api.ScalingPolicy{Policy: map[string]any{"check": nil}}) {
 		t.Fatal("an autoscaler policy was taken for ours")
+	}
+}
+
+func TestParsePolicyProtocols(t *testing.T) {
+	p, err := ParsePolicy(zeroscalePolicy("p", web, 1, map[string]any{}))
+	if err != nil || !slices.Equal(p.Protocols, []bpf.Protocol{bpf.TCP}) {
+		t.Fatalf("default protocols %v %v, want tcp", p.Protocols, err)
+	}
+	p, err = ParsePolicy(zeroscalePolicy("p", web, 1, map[string]any{"protocols": []any{"UDP", "tcp"}}))
+	if err != nil || !slices.Equal(p.Protocols, []bpf.Protocol{bpf.UDP, bpf.TCP}) {
+		t.Fatalf("protocols %v %v, want udp, tcp", p.Protocols, err)
 	}
 }

@@ -820,6 +820,26 @@ enum verdict {
 	V_RST,
 };
 
+// denied drops a packet from a source outside wake_from: no wake, no hold.
+static __always_inline int denied(struct gate_stats *st)
+{
+	if (st)
+		st->denied++;
+	count(C_DENIED);
+	return V_DROP;
+}
+
+// parked_drop counts a SYN or datagram dropped at a parked address and
+// returns EVENT_WAKE if it is the one that reports.
+static __always_inline __u32 parked_drop(const struct gate_config *cfg, struct gate_policy *pol, struct gate_stats *st,
+					 __u64 now, __u32 counter)
+{
+	if (st)
+		st->syns_dropped++;
+	count(counter);
+	return report_wake(cfg, pol, st, now);
+}
+
 static __always_inline int parked_syn(const struct frame *f, const struct pkt *p, struct gate_policy *pol,
 				      struct gate_stats *st, __u64 now)
 {
@@ -837,18 +857,9 @@ static __always_inline int parked_syn(const struct frame *f, const struct pkt *p
 		return V_PASS;
 	}
 
-	if (!may_wake(cfg, p)) {
-		if (st)
-			st->denied++;
-		count(C_DENIED);
-		return V_DROP;
-	}
-
-	if (st)
-		st->syns_dropped++;
-	count(C_PARKED_DROP);
-
-	__u32 kind = report_wake(cfg, pol, st, now);
+	if (!may_wake(cfg, p))
+		return denied(st);
+	__u32 kind = parked_drop(cfg, pol, st, now, C_PARKED_DROP);
 
 	if (cfg && (cfg->flags & CFG_CAPTURE)) {
 		struct flow_key fk;
@@ -889,17 +900,9 @@ static __always_inline int parked_dgram(const struct frame *f, const struct pkt 
 		count(C_DGRAM_IGNORED);
 		return V_PASS;
 	}
-	if (!may_wake(cfg, p)) {
-		if (st)
-			st->denied++;
-		count(C_DENIED);
-		return V_DROP;
-	}
-	if (st)
-		st->syns_dropped++;
-	count(C_PARKED_DGRAM_DROP);
-
-	__u32 kind = report_wake(cfg, pol, st, now);
+	if (!may_wake(cfg, p))
+		return denied(st);
+	__u32 kind = parked_drop(cfg, pol, st, now, C_PARKED_DGRAM_DROP);
 
 	if (cfg && (cfg->flags & CFG_CAPTURE)) {
 		int hold = 0;
