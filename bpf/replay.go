@@ -254,6 +254,8 @@ type BoundSocket struct {
 	Found bool
 	// CgroupID is the cgroup v2 id of the process that made the socket.
 	CgroupID uint64
+	// Inode is the socket's inode number, as /proc/<pid>/fd names it.
+	Inode uint64
 }
 
 // Bound asks the kernel whether a socket of k's protocol would take a new
@@ -286,5 +288,5 @@ func (g *Gate) Bound(k Key, via *ReplayTarget) (BoundSocket, error) {
 	if found && k.Proto == TCP && a.State != 10 {
 		found = false // a connection, not a listener
 	}
-	return BoundSocket{Found: found, CgroupID: a.CgroupId}, nil
+	return BoundSocket{Found: found, CgroupID: a.CgroupId, Inode: a.Inode}, nil
 }

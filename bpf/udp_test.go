@@ -293,8 +293,37 @@ func TestProbeFindsTCPListenersOnly(t *testing.T) {
 	if b, err := g.Bound(k.WithProto(UDP), nil); err != nil || b.Found {
 		t.Fatalf("UDP at a TCP-only port: %+v %v", b, err)
 	}
+	if want := socketInode(t, ln.(*net.TCPListener)); b.Inode != want {
+		t.Fatalf("TCP listener's inode %d, want %d", b.Inode, want)
+	}
 	ln.Close()
 	if b, err := g.Bound(k, nil); err != nil || b.Found {
 		t.Fatalf("after close: %+v %v", b, err)
 	}
+
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	uk := KeyFrom(netip.MustParseAddrPort(pc.LocalAddr().String())).WithProto(UDP)
+	b, err = g.Bound(uk, nil)
+	if err != nil || !b.Found || b.CgroupID != ownCgroupID(t) || b.Inode != socketInode(t, pc.(*net.UDPConn)) {
+		t.Fatalf("UDP socket: %+v %v", b, err)
+	}
+}
+
+// socketInode is the inode number /proc/<pid>/fd names a socket by.
+func socketInode(t *testing.T, c syscall.Conn) uint64 {
+	t.Helper()
+	raw, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st syscall.Stat_t
+	var statErr error
+	if err := raw.Control(func(fd uintptr) { statErr = syscall.Fstat(int(fd), &st) }); err != nil || statErr != nil {
+		t.Fatal(err, statErr)
+	}
+	return st.Ino
 }

@@ -102,6 +102,7 @@ type zeroscaleProbeAnswer struct {
 	Found    uint32
 	State    uint32
 	CgroupId uint64
+	Inode    uint64
 }
 
 type zeroscaleProbeQuery struct {

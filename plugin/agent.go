@@ -155,6 +155,7 @@ func (a *nodeAgent) run(ctx context.Context) {
 		},
 		GateReady:      a.gateReady,
 		ListenerAlloc:  listenerAlloc(a.logger),
+		SocketOwner:    socketOwner(a.logger),
 		Namespaces:     namespaces,
 		Forwarder:      fwd,
 		ForwardGrace:   s.forwardGrace,
@@ -416,6 +417,17 @@ func listenerAlloc(logger hclog.Logger) func(bpf.Event) (string, bool) {
 			logger.Debug("cannot resolve a listener's cgroup", "cgroup_id", ev.CgroupID, "error", err)
 		}
 		return alloc, ok
+	}
+}
+
+// socketOwner finds the process of a socket found by a kernel lookup.
+func socketOwner(logger hclog.Logger) func(uint64) (int, bool) {
+	return func(inode uint64) (int, bool) {
+		pid, ok, err := cgroups.ProcessOfSocket(inode)
+		if err != nil {
+			logger.Debug("cannot find a socket's process", "inode", inode, "error", err)
+		}
+		return pid, ok
 	}
 }
 

@@ -80,6 +80,9 @@ type Config struct {
 	// ListenerAlloc resolves the process of a listen event to its Nomad
 	// allocation; nil: every listener counts (tests of pure logic).
 	ListenerAlloc func(ev bpf.Event) (allocID string, ok bool)
+	// SocketOwner finds a process holding the socket with an inode number
+	// (a bound UDP socket comes with none), for ListenerAlloc.
+	SocketOwner func(inode uint64) (pid int, ok bool)
 	// Namespaces finds allocations' own network namespaces; nil: every
 	// service is taken to live in the node's namespace.
 	Namespaces Namespaces

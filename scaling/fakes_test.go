@@ -33,7 +33,8 @@ type fakeGate struct {
 	replayVia []*bpf.ReplayTarget
 	mapped    map[bpf.NsPort]bpf.Key
 	watched   map[uint16]bool
-	// bound are the sockets Bound finds, with their cgroup ids.
+	// bound are the sockets Bound finds, with their cgroup ids (which are
+	// their inode numbers too).
 	bound map[bpf.Key]uint64
 }
 
@@ -46,7 +47,7 @@ func (g *fakeGate) Bound(k bpf.Key, _ *bpf.ReplayTarget) (bpf.BoundSocket, error
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	cg, ok := g.bound[k]
-	return bpf.BoundSocket{Found: ok, CgroupID: cg}, nil
+	return bpf.BoundSocket{Found: ok, CgroupID: cg, Inode: cg}, nil
 }
 
 func (g *fakeGate) bind(k bpf.Key, cgroup uint64) {

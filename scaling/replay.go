@@ -108,8 +108,12 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 		delete(g.captures, k)
 	}
 	var firstMono time.Duration
+	first := "SYN" // what the client sent first, for the scaling event
 	if g.wake != nil {
 		firstMono = g.wake.firstMono
+		if g.wake.datagram {
+			first = "datagram"
+		}
 	}
 	id, node := g.id, a.node
 	maxAge := a.cfg.SYNMaxAge
@@ -148,12 +152,12 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 		if gateLatency <= 0 {
 			return
 		}
-		msg := fmt.Sprintf("zeroscale: awake; first SYN → gate open %s", gateLatency.Round(time.Millisecond))
+		msg := fmt.Sprintf("zeroscale: awake; first %s → gate open %s", first, gateLatency.Round(time.Millisecond))
 		meta := map[string]any{"zeroscale": "awake", "node": node, "gate_open_seconds": gateLatency.Seconds()}
 		if accepted > 0 && firstMono > 0 {
 			replayLatency := accepted - firstMono
 			a.cfg.Metrics.WakeLatency.WithLabelValues("replay_accepted").Observe(replayLatency.Seconds())
-			msg += fmt.Sprintf("; first SYN → replayed SYN accepted %s", replayLatency.Round(time.Millisecond))
+			msg += fmt.Sprintf("; first %s → replayed %s accepted %s", first, first, replayLatency.Round(time.Millisecond))
 			meta["replay_accepted_seconds"] = replayLatency.Seconds()
 		}
 		if len(batch) > 0 {
@@ -163,7 +167,7 @@ func (a *Agent) replayKeys(g *group, keys []bpf.Key, gateLatency time.Duration) 
 					parts = append(parts, fmt.Sprintf("%d %s", counts[r], strings.ReplaceAll(r, "_", " ")))
 				}
 			}
-			msg += "; replayed SYNs: " + strings.Join(parts, ", ")
+			msg += "; replayed: " + strings.Join(parts, ", ")
 		}
 		if err := a.cfg.Nomad.Scale(id, nil, msg, false, meta); err != nil {
 			a.logger.Warn("cannot record the wake latency", "group", id.String(), "error", err)

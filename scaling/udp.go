@@ -91,6 +91,13 @@ func (a *Agent) pollBinds(probes []bindProbe, host uint32) []bpf.Event {
 			}
 			ev := bpf.Event{Kind: bpf.EventListen, Key: p.key, CgroupID: b.CgroupID, Netns: host,
 				Time: time.Now(), Mono: bpf.MonotonicNow()}
+			if a.cfg.SocketOwner != nil && b.Inode != 0 {
+				// Its process names the allocation where its cgroup
+				// cannot (tasks in cgroup v1 controllers).
+				if pid, ok := a.cfg.SocketOwner(b.Inode); ok {
+					ev.PID = pid
+				}
+			}
 			if p.via != nil {
 				ev.Key.Port, ev.Netns = p.port, p.netns
 				if p.via.Addr.IsValid() {
@@ -173,4 +180,13 @@ func protocolsMessage(g *group, socket string) string {
 	}
 	return fmt.Sprintf("zeroscale: not parking: a socket listens at %s, but scaling.policy.zeroscale.protocols is [%s]; "+
 		"add %s so that its clients count as activity and wake it", socket, strings.Join(gated, ", "), want)
+}
+
+// packetWord names what a client's first packet to k was, for reasons and
+// scaling events.
+func packetWord(k bpf.Key) string {
+	if k.Proto == bpf.UDP {
+		return "datagram"
+	}
+	return "connect"
 }

@@ -54,8 +54,8 @@ func TestUDPGroupWakesOnADatagramAndOpensWhenItsSocketIsBound(t *testing.T) {
 		e.agent.OnGateEvent(bpf.Event{Kind: kind, Key: udpKey, Source: client, Time: e.clock.now,
 			Mono: time.Duration(e.clock.now.UnixNano()), Frame: []byte(frame), FrameLen: full, Ifindex: 3})
 	}
-	if c := e.nomad.countChanges(); len(c) != 2 || *c[1].Count != 1 {
-		t.Fatalf("scale calls %+v, want the sleep then one wake", c)
+	if c := e.nomad.countChanges(); len(c) != 2 || *c[1].Count != 1 || c[1].Message != "zeroscale: wake on datagram from 192.0.2.9:53211" {
+		t.Fatalf("scale calls %+v, want the sleep then one wake on the datagram", c)
 	}
 	e.tick(time.Second)
 	if e.phase() != consul.PhaseWaking || e.gate.state(udpKey) != bpf.StateParked {
@@ -106,5 +106,53 @@ func TestASocketOfAnUngatedProtocolStopsParking(t *testing.T) {
 	e.tick(time.Minute)
 	if e.phase() != consul.PhaseAsleep && e.phase() != consul.PhaseParking {
 		t.Fatalf("phase %s after the UDP socket left, want parking or asleep", e.phase())
+	}
+}
+
+// A bound UDP socket comes with no process: its owner is found by the
+// socket's inode, and only the woken allocation's socket opens the gate.
+func TestUDPSocketIsTiedToTheWokenAllocationByItsProcess(t *testing.T) {
+	owners := map[uint64]int{} // socket inode → pid
+	block := defaultBlock()
+	block["protocols"] = []any{"udp"}
+	e := newEnv(t, newFakeKV(), standardNomad(block), "node-1", []string{"10.0.0.5"}, func(c *Config) {
+		c.SocketOwner = func(inode uint64) (int, bool) { pid, ok := owners[inode]; return pid, ok }
+		// As on a cgroup v1 node: only the process names the allocation.
+		c.ListenerAlloc = func(ev bpf.Event) (string, bool) {
+			switch ev.PID {
+			case 1000:
+				return allocA, true // the allocation that was parked
+			case 2000:
+				return allocB, true // the one the wake started
+			}
+			return "", false
+		}
+	})
+	e.agent.OnLeader(true)
+	e.agent.OnPolicies(e.nomad.stubs())
+	e.agent.OnInstances("web", []consul.Instance{instance("web", svcAddr, "node-1", allocA, true)})
+	e.gate.setActivity(udpKey, bpf.Activity{LastActive: e.clock.now.Add(-time.Hour)})
+	if e.gate.state(svcKey) != 0 {
+		t.Fatalf("a UDP-only group gates TCP: %v", e.gate.state(svcKey))
+	}
+	e.sleep()
+	e.agent.OnGateEvent(bpf.Event{Kind: bpf.EventWake | bpf.EventCapture, Key: udpKey, Source: client, Time: e.clock.now,
+		Mono: time.Duration(e.clock.now.UnixNano()), Frame: []byte("query"), FrameLen: 5, Ifindex: 3})
+
+	e.gate.bind(udpKey, 11) // nobody's we know
+	e.tick(time.Second)
+	if e.gate.state(udpKey) != bpf.StateParked {
+		t.Fatalf("a socket of no known process opened the gate: %v", e.gate.state(udpKey))
+	}
+	owners[11] = 1000 // the old allocation's process
+	e.tick(time.Second)
+	if e.gate.state(udpKey) != bpf.StateParked {
+		t.Fatalf("the parked allocation's socket opened the gate: %v", e.gate.state(udpKey))
+	}
+	e.gate.bind(udpKey, 22)
+	owners[22] = 2000
+	e.tick(time.Second)
+	if e.gate.state(udpKey) != bpf.StateOpen || e.phase() != consul.PhaseAwake {
+		t.Fatalf("the woken allocation's socket: udp %v phase %s, want open and awake", e.gate.state(udpKey), e.phase())
 	}
 }

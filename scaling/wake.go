@@ -26,6 +26,7 @@ type wakeAttempt struct {
 	tries     int
 	failed    string // a non-retryable failure, reported once
 	why       string // what started it, for the scaling event
+	datagram  bool   // a UDP datagram started it, not a SYN
 }
 
 // onConnect handles a SYN dropped at a parked address of g.
@@ -42,7 +43,7 @@ func (a *Agent) onConnect(g *group, ev bpf.Event) {
 		if g.state.Forced {
 			return // an operator's sleep: the SYN waits and wakes it after
 		}
-		a.undoParking(g, "connect from "+ev.Source.String()+" while parking")
+		a.undoParking(g, packetWord(ev.Key)+" from "+ev.Source.String()+" while parking")
 		if g.state.Phase == consul.PhaseAsleep { // lost to the commit: wake instead
 			a.onConnect(g, ev)
 		}
@@ -60,7 +61,7 @@ func (a *Agent) onConnect(g *group, ev bpf.Event) {
 func (a *Agent) startWake(g *group, ev bpf.Event, now time.Time, mayRetry bool) {
 	next := g.state
 	next.Phase, next.Since, next.FirstSYN = consul.PhaseWaking, now, ev.Time
-	next.Reason = "connect from " + ev.Source.String()
+	next.Reason = packetWord(ev.Key) + " from " + ev.Source.String()
 	if a.cfg.DryRun {
 		a.cfg.Metrics.DryRunDecisions.WithLabelValues("wake").Inc()
 		return
@@ -80,7 +81,7 @@ func (a *Agent) startWake(g *group, ev bpf.Event, now time.Time, mayRetry bool) 
 		return
 	}
 	g.wake = &wakeAttempt{firstSYN: ev.Time, firstMono: ev.Mono, from: ev.Source, started: now,
-		deadline: now.Add(g.policy.WakeTimeout), winner: true}
+		deadline: now.Add(g.policy.WakeTimeout), winner: true, datagram: ev.Key.Proto == bpf.UDP}
 	a.logger.Info("waking group", "group", g.id.String(), "from", ev.Source, "wake_count", g.policy.WakeCount)
 	a.tryScaleUp(g, now)
 	a.wakeDependencies(g, now)
@@ -117,6 +118,9 @@ func (a *Agent) tryScaleUp(g *group, now time.Time) {
 	w.calling = true
 	id, count := g.id, g.policy.WakeCount
 	msg, meta := "zeroscale: wake on connect", map[string]any{"zeroscale": "wake", "node": a.node}
+	if w.datagram {
+		msg = "zeroscale: wake on datagram"
+	}
 	if w.why != "" {
 		msg, meta["reason"] = "zeroscale: wake on "+w.why, w.why
 	}

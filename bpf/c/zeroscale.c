@@ -407,6 +407,7 @@ struct probe_answer {
 	__u32 found;
 	__u32 state; // the socket's state (TCP: 10 for a listener)
 	__u64 cgroup_id;
+	__u64 inode; // the socket's inode: /proc/<pid>/fd names it "socket:[inode]"
 };
 
 struct {
@@ -1339,15 +1340,19 @@ int zs_replay(struct xdp_md *ctx)
 
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
-// sock_cgroup_id reads the cgroup v2 id of a socket's creator through the
-// kernel's own type: tc has no bpf_sk_cgroup_id on this kernel.
-static __always_inline __u64 sock_cgroup_id(struct bpf_sock *sk)
+// sock_owner reads, through the kernel's own type (tc has no
+// bpf_sk_cgroup_id on this kernel), the cgroup v2 id of a socket's creator
+// and the socket's inode, by which its process is found: on a node whose
+// tasks live in cgroup v1 controllers, the v2 id names no allocation.
+static __always_inline void sock_owner(struct bpf_sock *sk, struct probe_answer *answer)
 {
 	struct sock *ks = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct sock));
 	struct cgroup *cg = ks->sk_cgrp_data.cgroup;
-	if (!cg)
-		return 0;
-	return cg->kn->id;
+	if (cg)
+		answer->cgroup_id = cg->kn->id;
+	struct socket *so = ks->sk_socket;
+	if (so && so->file && so->file->f_inode)
+		answer->inode = so->file->f_inode->i_ino;
 }
 
 // zs_probe answers probe_queries: is a TCP listener or a bound UDP socket at
@@ -1388,7 +1393,7 @@ int zs_probe(struct __sk_buff *skb)
 		if (sk) {
 			answer.found = 1;
 			answer.state = sk->state;
-			answer.cgroup_id = sock_cgroup_id(sk);
+			sock_owner(sk, &answer);
 			bpf_sk_release(sk);
 		}
 	} else {
@@ -1398,7 +1403,7 @@ int zs_probe(struct __sk_buff *skb)
 			asm volatile("" : "+r"(state));
 			answer.found = 1;
 			answer.state = state;
-			answer.cgroup_id = sock_cgroup_id(sk);
+			sock_owner(sk, &answer);
 			bpf_sk_release(sk);
 		}
 	}

@@ -2,6 +2,7 @@ package cgroups
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -195,5 +196,30 @@ func TestAllocOfProcessReadsTheTaskEnvironment(t *testing.T) {
 	}
 	if _, ok, err := AllocOfProcess(1 << 30); ok || err != nil {
 		t.Fatalf("a missing process: %v %v", ok, err)
+	}
+}
+
+func TestProcessOfSocketFindsTheHolder(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	raw, err := pc.(*net.UDPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st syscall.Stat_t
+	var statErr error
+	if err := raw.Control(func(fd uintptr) { statErr = syscall.Fstat(int(fd), &st) }); err != nil || statErr != nil {
+		t.Fatal(err, statErr)
+	}
+	pid, ok, err := ProcessOfSocket(st.Ino)
+	if err != nil || !ok || pid != os.Getpid() {
+		t.Fatalf("holder of socket %d: %d %v %v, want this process %d", st.Ino, pid, ok, err, os.Getpid())
+	}
+	pc.Close()
+	if _, ok, err := ProcessOfSocket(st.Ino); err != nil || ok {
+		t.Fatalf("a closed socket still has a holder: %v %v", ok, err)
 	}
 }
