@@ -327,3 +327,36 @@ func socketInode(t *testing.T, c syscall.Conn) uint64 {
 	}
 	return st.Ino
 }
+
+func TestUDPWakeFromAppliesToDatagrams(t *testing.T) {
+	n := testnet.New(t)
+	g := loadGate(t, Options{ReportInterval: 10 * time.Second, CaptureSYNs: true})
+	attach(t, g, n.HostIf)
+	port := freePort(t, n.HostAddr)
+	k := Key{Addr: n.HostAddr, Port: port, Proto: UDP}
+	if err := g.Park(k); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.SetWakeFrom([]netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := n.Dial(ctx, "udp", netip.AddrPortFrom(n.HostAddr, port).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("not from here")); err != nil {
+		t.Fatal(err)
+	}
+	a := waitActivity(t, g, k, "denied datagram", func(a Activity) bool { return a.Denied >= 1 })
+	if a.Reports != 0 || a.Captured != 0 {
+		t.Fatalf("activity %+v: a datagram from outside wake_from reported or was held", a)
+	}
+	for _, ev := range drainEvents(g, 300*time.Millisecond) {
+		if ev.Key == k {
+			t.Fatalf("event %+v for a datagram from outside wake_from", ev)
+		}
+	}
+}
