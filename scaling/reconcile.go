@@ -33,7 +33,7 @@ func (a *Agent) Tick() {
 			a.refreshSpec(g, now) // the job may have changed its services
 		}
 		a.reconcile(g, now)
-		a.checkProtocols(g, now)
+		a.checkProtocols(g, now, false)
 		a.publishActivity(g, now)
 		if a.leader && g.policy != nil && !g.stoodDown {
 			a.leaderDuties(g, now)

@@ -105,6 +105,9 @@ func (a *Agent) startParking(g *group, now time.Time, reason string, forced bool
 		g.nextIdleCheck = now.Add(30 * time.Second)
 		return
 	}
+	// Look again here, right before parking: the cadence may have looked
+	// before the service bound its sockets.
+	a.checkProtocols(g, now, true)
 	if _, _, reports := a.union(g, now); ungatedSocket(reports) != "" {
 		// Its clients speak a protocol the gate ignores: parked, they
 		// would find nothing and wake nothing. Fail towards serving.

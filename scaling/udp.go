@@ -113,21 +113,23 @@ func (a *Agent) pollBinds(probes []bindProbe, host uint32) []bpf.Event {
 	}
 }
 
-// checkProtocols looks, now and then, for a socket of a protocol g's
-// policy does not gate at its live addresses on this node: a UDP socket
-// under TCP-only gating, or a TCP listener under UDP-only. Such a service
-// would be parked while its clients use it, and its clients could not wake
-// it, so it is reported and the group is not parked.
-func (a *Agent) checkProtocols(g *group, now time.Time) {
-	if g.policy == nil || g.state.Phase != consul.PhaseAwake || now.Sub(g.ungatedAt) < protocolCheckEvery {
+// checkProtocols looks, now and then (and with force, now), for a socket
+// of a protocol g's policy does not gate at its live addresses on this node:
+// a UDP socket under TCP-only gating, or a TCP listener under UDP-only. Such
+// a service would be parked while its clients use it, and its clients could
+// not wake it, so it is reported and the group is not parked. Only a socket
+// of one of g's own allocations counts: docker's userland proxy binds both
+// protocols of every mapped port on the node, whatever the service speaks.
+func (a *Agent) checkProtocols(g *group, now time.Time, force bool) {
+	if g.policy == nil || g.state.Phase != consul.PhaseAwake || !force && now.Sub(g.ungatedAt) < protocolCheckEvery {
 		return
 	}
-	g.ungatedAt = now
 	g.ungated = ""
 	gated := g.protocols()
+	checked := false
 	for k := range g.liveKeys() {
-		if !a.isLocal(k.Addr) {
-			continue
+		if !a.isLocal(k.Addr) || k.Proto != gated[0] {
+			continue // each address once
 		}
 		for _, p := range []bpf.Protocol{bpf.TCP, bpf.UDP} {
 			if slices.Contains(gated, p) {
@@ -135,20 +137,45 @@ func (a *Agent) checkProtocols(g *group, now time.Time) {
 			}
 			other := k.WithProto(p)
 			via, _ := a.replayTarget(g, other)
-			if via != nil && via.Forward {
-				continue
+			if via != nil && via.Forward || via == nil && g.spec.OwnNetwork {
+				continue // its own namespace is not known yet: the node's holds only the mapping's
 			}
+			checked = true
 			b, err := a.cfg.Gate.Bound(other, via)
 			if err != nil {
 				a.logger.Debug("cannot look for a socket of an ungated protocol", "address", other.String(), "error", err)
 				continue
 			}
-			if b.Found {
+			if b.Found && a.socketOfGroup(g, b) {
 				g.ungated = other.AddrPort().String() + "/" + p.String()
+				g.ungatedAt = now
 				return
 			}
 		}
 	}
+	if checked {
+		// Until an address could be looked at (no instance yet, its
+		// process not started), every pass looks again.
+		g.ungatedAt = now
+	}
+}
+
+// socketOfGroup tells whether a socket found by a kernel lookup belongs to
+// one of g's allocations (when allocations can be told at all).
+func (a *Agent) socketOfGroup(g *group, b bpf.BoundSocket) bool {
+	if a.cfg.ListenerAlloc == nil {
+		return true
+	}
+	ev := bpf.Event{Kind: bpf.EventListen, CgroupID: b.CgroupID}
+	if a.cfg.SocketOwner != nil && b.Inode != 0 {
+		ev.PID, _ = a.cfg.SocketOwner(b.Inode)
+	}
+	alloc, ok := a.cfg.ListenerAlloc(ev)
+	if !ok {
+		return false
+	}
+	id, err := a.allocGroup(alloc)
+	return err == nil && id == g.id
 }
 
 // ungatedSocket names a socket of an ungated protocol that any node saw at

@@ -156,3 +156,21 @@ func TestUDPSocketIsTiedToTheWokenAllocationByItsProcess(t *testing.T) {
 		t.Fatalf("the woken allocation's socket: udp %v phase %s, want open and awake", e.gate.state(udpKey), e.phase())
 	}
 }
+
+// Docker's userland proxy binds UDP at every mapped port: a socket of no
+// allocation of the group does not stop it from sleeping.
+func TestAnUngatedSocketOfAnotherProcessDoesNotStopParking(t *testing.T) {
+	e := awakeEnv(t, func(c *Config) {
+		c.SocketOwner = func(uint64) (int, bool) { return 4242, true }
+		c.ListenerAlloc = func(ev bpf.Event) (string, bool) { return "", false } // docker-proxy: no allocation
+	})
+	e.gate.bind(udpKey, 1)
+	e.tick(10*time.Minute + time.Second)
+	e.tick(time.Second)
+	if e.phase() == consul.PhaseAwake {
+		t.Fatalf("phase %s: a socket of another process kept the group awake", e.phase())
+	}
+	if errs := e.nomad.events(true); len(errs) != 0 {
+		t.Fatalf("error events %+v, want none", errs)
+	}
+}
