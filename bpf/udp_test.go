@@ -63,6 +63,32 @@ func udpServer(t *testing.T, addr string) <-chan string {
 	return got
 }
 
+// parkUDP loads a gate on n's host end and parks UDP at addr on a free port.
+func parkUDP(t *testing.T, n *testnet.Net, addr netip.Addr, opts Options) (*Gate, Key) {
+	t.Helper()
+	g := loadGate(t, opts)
+	attach(t, g, n.HostIf)
+	k := Key{Addr: addr, Port: freePort(t, addr), Proto: UDP}
+	if err := g.Park(k); err != nil {
+		t.Fatal(err)
+	}
+	return g, k
+}
+
+// dialUDP opens a UDP socket in n's namespace connected to target, closed
+// with the test.
+func dialUDP(t *testing.T, n *testnet.Net, target string) net.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := n.Dial(ctx, "udp", target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 func TestUDPParkedDatagramsAreHeldWholeAndReplayedIntoTheStack(t *testing.T) {
 	bothModes(t, func(t *testing.T) {
 		for _, tc := range []struct {
@@ -79,27 +105,14 @@ func TestUDPParkedDatagramsAreHeldWholeAndReplayedIntoTheStack(t *testing.T) {
 
 func testUDPHeldAndReplayed(t *testing.T, addr func(*testnet.Net) netip.Addr) {
 	n := testnet.New(t)
-	g := loadGate(t, Options{ReportInterval: 10 * time.Second, CaptureSYNs: true})
-	attach(t, g, n.HostIf)
-	host := addr(n)
-	port := freePort(t, host)
-	k := Key{Addr: host, Port: port, Proto: UDP}
-	if err := g.Park(k); err != nil {
-		t.Fatal(err)
-	}
+	g, k := parkUDP(t, n, addr(n), Options{ReportInterval: 10 * time.Second, CaptureSYNs: true})
+	host, port := k.Addr, k.Port
 	// A TCP entry for the same address and port stays apart.
 	if s, ok, err := g.State(Key{Addr: host, Port: port}); err != nil || ok {
 		t.Fatalf("TCP state %v %v %v after parking UDP, want none", s, ok, err)
 	}
-	target := netip.AddrPortFrom(host, port).String()
-
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := n.Dial(ctx, "udp", target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	target := k.AddrPort().String()
+	c := dialUDP(t, n, target)
 	// The second datagram is long: its bytes past the event's first 128
 	// must be held too.
 	long := "long:" + strings.Repeat("x", 1300)
@@ -181,24 +194,12 @@ func testUDPHeldAndReplayed(t *testing.T, addr func(*testnet.Net) netip.Addr) {
 
 func TestUDPHoldsAFewDatagramsPerFlow(t *testing.T) {
 	n := testnet.New(t)
-	g := loadGate(t, Options{ReportInterval: 10 * time.Second, CaptureSYNs: true})
-	attach(t, g, n.HostIf)
-	port := freePort(t, n.HostAddr)
-	k := Key{Addr: n.HostAddr, Port: port, Proto: UDP}
-	if err := g.Park(k); err != nil {
-		t.Fatal(err)
-	}
+	g, k := parkUDP(t, n, n.HostAddr, Options{ReportInterval: 10 * time.Second, CaptureSYNs: true})
 	before, err := g.Counters()
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := n.Dial(ctx, "udp", netip.AddrPortFrom(n.HostAddr, port).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialUDP(t, n, k.AddrPort().String())
 	const sent = 7
 	for i := 0; i < sent; i++ {
 		if _, err := fmt.Fprintf(c, "retry %d", i); err != nil {
@@ -241,13 +242,7 @@ func TestUDPDatagramsToAnOpenAddressAreActivityButNotFromIgnoredSources(t *testi
 		}
 		send := func() {
 			t.Helper()
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			c, err := n.Dial(ctx, "udp", target)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
+			c := dialUDP(t, n, target)
 			if _, err := c.Write([]byte("ping")); err != nil {
 				t.Fatal(err)
 			}
@@ -330,23 +325,11 @@ func socketInode(t *testing.T, c syscall.Conn) uint64 {
 
 func TestUDPWakeFromAppliesToDatagrams(t *testing.T) {
 	n := testnet.New(t)
-	g := loadGate(t, Options{ReportInterval: 10 * time.Second, CaptureSYNs: true})
-	attach(t, g, n.HostIf)
-	port := freePort(t, n.HostAddr)
-	k := Key{Addr: n.HostAddr, Port: port, Proto: UDP}
-	if err := g.Park(k); err != nil {
-		t.Fatal(err)
-	}
+	g, k := parkUDP(t, n, n.HostAddr, Options{ReportInterval: 10 * time.Second, CaptureSYNs: true})
 	if err := g.SetWakeFrom([]netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := n.Dial(ctx, "udp", netip.AddrPortFrom(n.HostAddr, port).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialUDP(t, n, k.AddrPort().String())
 	if _, err := c.Write([]byte("not from here")); err != nil {
 		t.Fatal(err)
 	}
