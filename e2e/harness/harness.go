@@ -5,10 +5,13 @@ package harness
 import (
 	"bytes"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -44,41 +47,62 @@ func Binary(t testing.TB, name string) string {
 	return path
 }
 
-var portMu sync.Mutex
+var (
+	portMu     sync.Mutex
+	portsGiven = map[int]bool{} // never handed out twice in one test binary
+)
 
 // FreePorts reserves n distinct free TCP ports on 127.0.0.1 (also free for
-// UDP, for DNS and serf).
+// UDP, for DNS and serf). They are picked below the kernel's ephemeral range:
+// a port from that range, free when picked, could be taken as the local port
+// of any outgoing connection before the agent binds it (a Consul agent then
+// failed to start with "address already in use"); and below Nomad's dynamic
+// ports (20000 and up), which it hands to allocations without asking.
 func FreePorts(t testing.TB, n int) []int {
 	t.Helper()
 	portMu.Lock()
 	defer portMu.Unlock()
+	lo, hi := 10000, min(ephemeralStart(), 20000)-1
 	var ports []int
-	var holds []net.Listener
-	var udps []net.PacketConn
-	defer func() {
-		for _, l := range holds {
-			l.Close()
+	for tries := 0; len(ports) < n; tries++ {
+		if tries > 100000 {
+			t.Fatalf("no %d free ports between %d and %d", n, lo, hi)
 		}
-		for _, u := range udps {
-			u.Close()
-		}
-	}()
-	for len(ports) < n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		u, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port))
-		if err != nil {
-			l.Close()
+		port := lo + rand.IntN(hi-lo+1)
+		if portsGiven[port] || !portFree(port) {
 			continue
 		}
-		holds = append(holds, l)
-		udps = append(udps, u)
+		portsGiven[port] = true
 		ports = append(ports, port)
 	}
 	return ports
+}
+
+// ephemeralStart is the first port of the kernel's ephemeral range.
+func ephemeralStart() int {
+	if raw, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(raw)); len(f) == 2 {
+			if v, err := strconv.Atoi(f[0]); err == nil && v > 11000 {
+				return v
+			}
+		}
+	}
+	return 32768
+}
+
+// portFree tells whether port can be bound on 127.0.0.1 for TCP and UDP.
+func portFree(port int) bool {
+	l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		return false
+	}
+	defer l.Close()
+	u, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		return false
+	}
+	u.Close()
+	return true
 }
 
 // process is a started agent whose output is kept for failure reports.
