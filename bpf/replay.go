@@ -264,6 +264,9 @@ type BoundSocket struct {
 // has no state change for zs_sock_state to report, so a waking UDP service is
 // asked, not heard.
 func (g *Gate) Bound(k Key, via *ReplayTarget) (BoundSocket, error) {
+	if g.udpErr != nil {
+		return BoundSocket{}, g.udpErr
+	}
 	q := zeroscaleProbeQuery{Addr: k.Addr.As16(), Port: htons(k.Port), Proto: k.Proto.ipproto()}
 	if via != nil && !via.Forward {
 		q.InNetns, q.NetnsId, q.Port = 1, via.NetnsID, htons(via.Port)

@@ -3,6 +3,7 @@ package bpf
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -341,5 +342,33 @@ func TestUDPWakeFromAppliesToDatagrams(t *testing.T) {
 		if ev.Key == k {
 			t.Fatalf("event %+v for a datagram from outside wake_from", ev)
 		}
+	}
+}
+
+// A kernel that refuses the UDP-only programs still gets the gate: parked
+// TCP addresses hold SYNs, and socket lookups say why they cannot run.
+func TestTheGateLoadsWithoutTheUDPPrograms(t *testing.T) {
+	n := testnet.New(t)
+	g := loadGate(t, Options{ReportInterval: 10 * time.Second, withoutUDP: true})
+	attach(t, g, n.HostIf)
+	if !errors.Is(g.UDPSupport(), ErrUDPUnsupported) {
+		t.Fatalf("UDP support %v, want ErrUDPUnsupported", g.UDPSupport())
+	}
+	k := Key{Addr: n.HostAddr, Port: freePort(t, n.HostAddr)}
+	if _, err := g.Bound(k, nil); !errors.Is(err, ErrUDPUnsupported) {
+		t.Fatalf("Bound: %v, want ErrUDPUnsupported", err)
+	}
+	if err := g.Park(k); err != nil {
+		t.Fatal(err)
+	}
+	if err := dialOnce(n, k.String(), 300*time.Millisecond); err == nil {
+		t.Fatal("a connection to a parked address was accepted")
+	}
+	waitActivity(t, g, k, "parked SYN", func(a Activity) bool { return a.SYNsDropped >= 1 && a.Reports == 1 })
+	if _, err := os.Stat(g.linkPath(udpRecvLinkID)); !os.IsNotExist(err) {
+		t.Fatalf("the stub of zs_udp_recv was attached (%v)", err)
+	}
+	if _, err := os.Stat(g.linkPath(sockStateLinkID)); err != nil {
+		t.Fatalf("the socket program is not attached: %v", err)
 	}
 }

@@ -713,6 +713,10 @@ static __always_inline long load_bytes(const struct frame *f, __u32 off, void *t
 {
 	if (f->is_tc)
 		return bpf_skb_load_bytes(f->ctx, off, to, len);
+	// Before Linux 5.18 XDP has no such helper (and no replay either):
+	// the branch is cut at load time, and nothing is held.
+	if (!bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_xdp_load_bytes))
+		return -1;
 	return bpf_xdp_load_bytes(f->ctx, off, to, len);
 }
 
