@@ -95,8 +95,8 @@ type Gate struct {
 
 	replayMu sync.Mutex
 	// udpErr says why the UDP-only programs are stubs; nil when they run.
-	udpErr error
-	probeMu  sync.Mutex
+	udpErr  error
+	probeMu sync.Mutex
 
 	events     chan Event
 	reader     *ringbuf.Reader
