@@ -260,6 +260,19 @@ while True:
 // udpEchoes sends one datagram from the client namespace and waits for it
 // to come back.
 func udpEchoes(c *harness.Cluster, addr netip.Addr, port int, timeout time.Duration) error {
+	// Until the deadline: a server still starting refuses ("port
+	// unreachable") at once, and a lost datagram is not retried by UDP.
+	deadline := time.Now().Add(timeout)
+	for {
+		err := udpEchoOnce(c, addr, port, min(time.Until(deadline), time.Second))
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func udpEchoOnce(c *harness.Cluster, addr netip.Addr, port int, wait time.Duration) error {
 	return c.Net.Do(func() error {
 		conn, err := net.Dial("udp", netip.AddrPortFrom(addr, uint16(port)).String())
 		if err != nil {
@@ -270,7 +283,7 @@ func udpEchoes(c *harness.Cluster, addr netip.Addr, port int, timeout time.Durat
 		if _, err := conn.Write([]byte(want)); err != nil {
 			return err
 		}
-		_ = conn.SetReadDeadline(time.Now().Add(timeout))
+		_ = conn.SetReadDeadline(time.Now().Add(max(wait, 100*time.Millisecond)))
 		buf := make([]byte, 2048)
 		n, err := conn.Read(buf)
 		if err != nil {
@@ -296,7 +309,7 @@ func TestUDPOnlyServiceUnderTCPPolicyIsAnErrorAndNeverSleeps(t *testing.T) {
 	// Default protocols (TCP alone); no check: Nomad has no UDP check.
 	c.RunUDPJob(t, harness.UDPJob{Name: job, Addr: addr, Port: port, Idle: udpIdle.String(),
 		Command: "/usr/bin/python3", Args: []string{"-c", udpEcho}})
-	if err := udpEchoes(c, addr, port, 5*time.Second); err != nil {
+	if err := udpEchoes(c, addr, port, 20*time.Second); err != nil {
 		t.Fatalf("the UDP server does not echo: %v\n%s", err, c.Diagnose(t))
 	}
 	running := time.Now()
