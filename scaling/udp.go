@@ -89,15 +89,8 @@ func (a *Agent) pollBinds(probes []bindProbe, host uint32) []bpf.Event {
 			if !b.Found {
 				continue
 			}
-			ev := bpf.Event{Kind: bpf.EventListen, Key: p.key, CgroupID: b.CgroupID, Netns: host,
-				Time: time.Now(), Mono: bpf.MonotonicNow()}
-			if a.cfg.SocketOwner != nil && b.Inode != 0 {
-				// Its process names the allocation where its cgroup
-				// cannot (tasks in cgroup v1 controllers).
-				if pid, ok := a.cfg.SocketOwner(b.Inode); ok {
-					ev.PID = pid
-				}
-			}
+			ev := a.boundListen(b)
+			ev.Key, ev.Netns, ev.Time, ev.Mono = p.key, host, time.Now(), bpf.MonotonicNow()
 			if p.via != nil {
 				ev.Key.Port, ev.Netns = p.port, p.netns
 				if p.via.Addr.IsValid() {
@@ -166,16 +159,23 @@ func (a *Agent) socketOfGroup(g *group, b bpf.BoundSocket) bool {
 	if a.cfg.ListenerAlloc == nil {
 		return true
 	}
-	ev := bpf.Event{Kind: bpf.EventListen, CgroupID: b.CgroupID}
-	if a.cfg.SocketOwner != nil && b.Inode != 0 {
-		ev.PID, _ = a.cfg.SocketOwner(b.Inode)
-	}
-	alloc, ok := a.cfg.ListenerAlloc(ev)
+	alloc, ok := a.cfg.ListenerAlloc(a.boundListen(b))
 	if !ok {
 		return false
 	}
 	id, err := a.allocGroup(alloc)
 	return err == nil && id == g.id
+}
+
+// boundListen is a socket found by Bound as a listen event, for
+// ListenerAlloc: its cgroup, and the process holding it, which names the
+// allocation where the cgroup cannot (tasks in cgroup v1 controllers).
+func (a *Agent) boundListen(b bpf.BoundSocket) bpf.Event {
+	ev := bpf.Event{Kind: bpf.EventListen, CgroupID: b.CgroupID}
+	if a.cfg.SocketOwner != nil && b.Inode != 0 {
+		ev.PID, _ = a.cfg.SocketOwner(b.Inode)
+	}
+	return ev
 }
 
 // ungatedSocket names a socket of an ungated protocol that any node saw at
